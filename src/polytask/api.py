@@ -1,0 +1,93 @@
+"""The high-level API behind the command line: train, resume, evaluate."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import Config, from_dict, load_config, to_dict
+from .errors import ConfigError
+from .evaluation import EvalResult, evaluate
+from .training.build import build_components
+from .training.checkpoint import check_model_signature, load_checkpoint
+from .training.rundir import RunDirectory, new_run_path
+from .training.trainer import StepEnd, Trainer
+
+__all__ = ["evaluate_run", "resume", "train"]
+
+
+def train(
+    config: Config | str | Path | Mapping[str, Any],
+    overrides: Sequence[str] | Mapping[str, Any] = (),
+    *,
+    run_dir: str | Path | None = None,
+    step_callbacks: Sequence[Callable[[StepEnd], None]] = (),
+    console: bool = True,
+) -> tuple[RunDirectory, dict[str, Any]]:
+    """Train a configuration into a new run directory; returns it and the results.
+
+    ``config`` is a :class:`Config`, a YAML path or a mapping; ``overrides`` are
+    ``key=value`` strings or a mapping of dotted keys. Without ``run_dir`` the run goes to
+    ``OUTPUT_DIR/NAME-TIMESTAMP``.
+    """
+    if isinstance(config, Config):
+        if overrides:
+            config = load_config(to_dict(config), overrides)
+    else:
+        config = load_config(config, overrides)
+    components = build_components(config)  # fails on bad input before anything is written
+    path = Path(run_dir) if run_dir is not None else new_run_path(config.output_dir, config.name)
+    run = RunDirectory.create(path, to_dict(config))
+    trainer = Trainer(components, run, step_callbacks=step_callbacks, console=console)
+    return run, trainer.fit()
+
+
+def resume(
+    run_dir: str | Path,
+    *,
+    step_callbacks: Sequence[Callable[[StepEnd], None]] = (),
+    console: bool = True,
+) -> dict[str, Any]:
+    """Continue a run from its last checkpoint (exactly where it stopped)."""
+    run = RunDirectory.open(run_dir)
+    existing = run.read_results()
+    if existing is not None:
+        raise ConfigError(
+            f"{run.path} has already finished (results.json exists); nothing to resume."
+        )
+    config = from_dict(Config, run.read_config())
+    components = build_components(config)
+    trainer = Trainer(components, run, step_callbacks=step_callbacks, console=console)
+    if not run.last_checkpoint.exists():
+        raise ConfigError(
+            f"{run.path} has no checkpoint yet (it stopped before its first one); start it again "
+            "with `polytask train`."
+        )
+    return trainer.fit(resume=True)
+
+
+def evaluate_run(
+    run_dir: str | Path, *, split: str = "test", checkpoint: str = "best"
+) -> EvalResult:
+    """Evaluate a run's ``best`` or ``last`` checkpoint on a split."""
+    if split not in ("train", "val", "test"):
+        raise ConfigError(f"split: expected train, val or test, found {split!r}.")
+    if checkpoint not in ("best", "last"):
+        raise ConfigError(f"checkpoint: expected best or last, found {checkpoint!r}.")
+    run = RunDirectory.open(run_dir)
+    config = from_dict(Config, run.read_config())
+    c = build_components(config)
+    path = run.best_checkpoint if checkpoint == "best" else run.last_checkpoint
+    data = load_checkpoint(path)
+    check_model_signature(data["model_signature"], c.model, path)
+    c.model.load_state_dict(data["model"])
+    return evaluate(
+        c.model,
+        c.tasks,
+        c.bundle.split(split),
+        batch_size=config.data.eval_batch_size or config.data.batch_size,
+        device=c.device,
+        precision=config.train.precision,
+        num_workers=config.data.num_workers,
+    )

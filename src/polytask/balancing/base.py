@@ -1,0 +1,121 @@
+"""The balancing contract: a balancer owns the backward pass of a multi-task step.
+
+The trainer computes one loss per task and calls :meth:`Balancer.backward` once; the balancer
+decides how the per-task losses (or, for gradient methods, the per-task gradients) become the
+gradients the optimizer applies. It never sees the model or the data, only what
+:class:`BackwardContext` hands it.
+
+State (running loss histories, learnable log-variances, random generators) lives in the
+balancer: learnable quantities are ``nn.Parameter``\\ s of the balancer (the trainer gives them
+an optimizer parameter group of their own), everything else is returned by
+``get_extra_state`` so that it is saved in checkpoints and restored on resume.
+
+Hooks the trainer calls: :meth:`~Balancer.on_epoch_start`, :meth:`~Balancer.on_epoch_end`
+(with the epoch's unweighted mean training losses, for epoch-level methods such as DWA) and
+:meth:`~Balancer.after_optimizer_step`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..registry import Registry
+
+__all__ = ["BALANCERS", "BackwardContext", "Balancer", "LossWeighting"]
+
+
+@dataclass
+class BackwardContext:
+    """What a balancer may use besides the losses.
+
+    Attributes:
+        shared_parameters: the parameters the architecture declares shared (or the user's
+            override); gradient methods combine per-task gradients of exactly these.
+        grad_scaler: the fp16 loss scaler when mixed precision with loss scaling is on.
+        epoch: the current epoch (0-based).
+        step: the global optimizer step (0-based).
+    """
+
+    shared_parameters: Sequence[nn.Parameter]
+    grad_scaler: torch.amp.GradScaler | None = None
+    epoch: int = 0
+    step: int = 0
+
+    def scale(self, loss: Tensor) -> Tensor:
+        """``loss`` multiplied by the loss scale (unchanged without a scaler)."""
+        return loss if self.grad_scaler is None else self.grad_scaler.scale(loss)
+
+
+class Balancer(nn.Module, ABC):
+    """Base class of every balancing method (loss weighting or gradient aggregation).
+
+    Args:
+        tasks: the task names, in a fixed order used for any tensor of per-task values.
+    """
+
+    #: learning rate of the balancer's own parameters (None: the model's learning rate)
+    lr: float | None = None
+
+    def __init__(self, tasks: Sequence[str]) -> None:
+        super().__init__()
+        if not tasks:
+            raise ValueError("a balancer needs at least one task")
+        self.task_names: tuple[str, ...] = tuple(tasks)
+
+    @abstractmethod
+    def backward(self, losses: Mapping[str, Tensor], ctx: BackwardContext) -> dict[str, Tensor]:
+        """Accumulate the step's gradients into ``.grad``; return the weight used per task.
+
+        ``losses`` holds the tasks that have labels in this batch (a subset of
+        :attr:`task_names` when labels are missing). The returned weights are detached
+        0-d tensors (no device synchronisation); they are logged as diagnostics.
+        """
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called before the first step of every epoch."""
+
+    def on_epoch_end(self, epoch: int, train_losses: Mapping[str, float]) -> None:
+        """Called after every epoch with the unweighted mean training loss of each task."""
+
+    def after_optimizer_step(self) -> None:
+        """Called after every optimizer step."""
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """Non-tensor state (histories, counters) saved with checkpoints; override to add."""
+        return {}
+
+    def set_extra_state(self, state: Any) -> None:
+        """Restore what :meth:`get_extra_state` returned."""
+
+
+class LossWeighting(Balancer):
+    """A balancer that scales each task's loss: ``backward(sum_k w_k L_k)``.
+
+    Subclasses implement :meth:`weights`; weights may depend on learnable parameters of the
+    balancer (then they carry gradient to them) or on its state.
+    """
+
+    @abstractmethod
+    def weights(self, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The weight of each task in ``losses``."""
+
+    def combine(self, losses: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The weighted total loss and the (detached) weights."""
+        weights = self.weights(losses)
+        total = torch.stack([weights[t] * losses[t] for t in losses]).sum()
+        return total, {t: w.detach() for t, w in weights.items()}
+
+    def backward(self, losses: Mapping[str, Tensor], ctx: BackwardContext) -> dict[str, Tensor]:
+        total, weights = self.combine(losses)
+        ctx.scale(total).backward()  # type: ignore[no-untyped-call]
+        return weights
+
+
+BALANCERS: Registry[Callable[..., Balancer]] = Registry("balancing method")
+"""``factory(*, tasks, **options) -> Balancer``."""

@@ -1,0 +1,5 @@
+"""Loss-level balancing methods."""
+
+from .equal import Equal
+
+__all__ = ["Equal"]

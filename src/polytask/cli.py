@@ -1,0 +1,177 @@
+"""The ``polytask`` command line.
+
+Mistakes in the user's input (config keys, values, names, paths, checkpoints) end with one
+message on stderr and exit code 2, never a traceback; nothing already written is overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import PolytaskError
+
+__all__ = ["main"]
+
+EPILOG = "Overrides are dotted keys, e.g. train.epochs=5 optim.lr=1e-3 model.architecture=hps."
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="polytask",
+        description="Multi-task learning: train, resume, evaluate, compare, report.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a YAML recipe into a new run directory", epilog=EPILOG)
+    p.add_argument("config", help="path to a YAML recipe")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument(
+        "--run-dir", help="the run directory to create (default OUTPUT_DIR/NAME-TIMESTAMP)"
+    )
+    p.add_argument("--quiet", action="store_true", help="log to the run directory only")
+
+    p = sub.add_parser("resume", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("run_dir")
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("eval", help="evaluate a run's checkpoint on a split")
+    p.add_argument("run_dir")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = sub.add_parser(
+        "compare", help="run a grid of configurations and tabulate them", epilog=EPILOG
+    )
+    p.add_argument("grid", help="path to a grid YAML file")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="applied to every cell")
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("report", help="(re)write the report of run or grid directories")
+    p.add_argument("dirs", nargs="+", metavar="DIR")
+
+    sub.add_parser("list", help="list the registered architectures, methods, data sets, ...")
+    return parser
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .api import train
+    from .report.run_report import results_table
+
+    run, results = train(args.config, args.overrides, run_dir=args.run_dir, console=not args.quiet)
+    print(results_table(results, "test"))
+    print(f"run directory: {run.path}")
+    return 0
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from .api import resume
+    from .report.run_report import results_table
+
+    results = resume(args.run_dir, console=not args.quiet)
+    print(results_table(results, "test"))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .api import evaluate_run
+    from .report.tables import format_value, markdown_table
+
+    result = evaluate_run(args.run_dir, split=args.split, checkpoint=args.checkpoint)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    rows = [
+        [task, name, format_value(value)]
+        for task, values in result.metrics.items()
+        for name, value in values.items()
+    ]
+    rows += [[task, "loss", format_value(value)] for task, value in result.losses.items()]
+    print(markdown_table(["task", "value", f"{args.split} ({args.checkpoint})"], rows))
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import run_grid
+
+    summary = run_grid(args.grid, args.overrides, console=not args.quiet)
+    print()
+    print(summary["table"])
+    print()
+    print(summary["note"])
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .compare import summarize_grid
+    from .errors import ConfigError
+    from .report.run_report import write_run_report
+    from .training.rundir import RunDirectory
+
+    for d in args.dirs:
+        path = Path(d)
+        if (path / "grid.yaml").is_file():
+            summary = summarize_grid(path)
+            print(summary["table"])
+            print(f"written: {path / 'results.md'}")
+        elif (path / "config.yaml").is_file():
+            run = RunDirectory.open(path)
+            write_run_report(run)
+            print(f"written: {path / 'report.md'}")
+        else:
+            raise ConfigError(f"{path} is neither a run directory nor a grid directory.")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from .balancing import BALANCERS
+    from .data import DATASETS
+    from .metrics import METRICS
+    from .models import ARCHITECTURES, BACKBONES
+    from .registry import Registry
+
+    registries: list[tuple[str, Registry[Any]]] = [
+        ("architectures", ARCHITECTURES),
+        ("backbones", BACKBONES),
+        ("balancing methods", BALANCERS),
+        ("data sets", DATASETS),
+        ("metrics", METRICS),
+    ]
+    for title, registry in registries:
+        print(f"{title}: {', '.join(registry.names())}")
+    return 0
+
+
+COMMANDS = {
+    "train": _cmd_train,
+    "resume": _cmd_resume,
+    "eval": _cmd_eval,
+    "compare": _cmd_compare,
+    "report": _cmd_report,
+    "list": _cmd_list,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``polytask`` console script; returns the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except PolytaskError as exc:
+        print(f"polytask: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(
+            "polytask: interrupted; `polytask resume RUN_DIR` continues from the last checkpoint.",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""Comparison grids: several configurations x seeds, a results table with Delta_m.
+
+A grid file is YAML::
+
+    name: demo                      # the grid directory is OUTPUT_DIR/NAME
+    output_dir: runs
+    base: multidigits.yaml          # a recipe (path relative to the grid file), optional
+    config: {train.epochs: 8}       # dotted overrides on top of the base, optional
+    seeds: [0, 1]
+    baseline: single_task           # the cell whose test results are the Delta_m baseline
+    delta_m: metric_mean            # or task_mean
+    cells:
+      single_task: {model.architecture: single_task}
+      hps_equal: {model.architecture: hps, balancer.name: equal}
+
+Every (cell, seed) is one run directory ``GRID_DIR/CELL/seed-K``. Running the grid again
+skips finished runs and resumes interrupted ones, so a grid can be extended cell by cell.
+Results go to ``GRID_DIR/results.md``, ``results.csv``, ``results.json`` and the baseline
+derived from the baseline cell to ``GRID_DIR/baseline.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .config import (
+    Config,
+    apply_overrides,
+    from_dict,
+    load_config,
+    parse_overrides,
+    read_yaml,
+    to_dict,
+)
+from .errors import ConfigError
+from .metrics.delta_m import Baseline, delta_m, delta_m_higher_is_better
+from .report.tables import format_value, markdown_table, results_columns
+from .training.build import build_components
+from .training.rundir import RunDirectory
+from .training.trainer import Trainer
+
+__all__ = ["GridSpec", "load_grid", "run_grid", "summarize_grid"]
+
+
+@dataclass
+class GridSpec:
+    """A validated grid file."""
+
+    name: str
+    cells: dict[str, dict[str, Any]]
+    output_dir: str = "runs"
+    base: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    baseline: str | None = None
+    delta_m: Literal["metric_mean", "task_mean"] = "metric_mean"
+
+
+def load_grid(
+    path: str | Path, overrides: Sequence[str] = ()
+) -> tuple[GridSpec, dict[str, Config]]:
+    """Read a grid file and validate the full configuration of every cell up front."""
+    path = Path(path)
+    raw = read_yaml(path)
+    spec = from_dict(GridSpec, raw, "grid")
+    if not spec.cells:
+        raise ConfigError(f"{path}: `cells` must define at least one cell.")
+    if not spec.seeds or len(set(spec.seeds)) != len(spec.seeds):
+        raise ConfigError(f"{path}: `seeds` must be a non-empty list of distinct integers.")
+    if spec.baseline is not None and spec.baseline not in spec.cells:
+        raise ConfigError(
+            f"{path}: baseline {spec.baseline!r} is not a cell; cells are {', '.join(spec.cells)}."
+        )
+    base: dict[str, Any] = {}
+    if spec.base is not None:
+        base = read_yaml(path.parent / spec.base)
+    base = apply_overrides(base, spec.config)
+    base = apply_overrides(base, parse_overrides(overrides))
+    configs: dict[str, Config] = {}
+    for cell, cell_overrides in spec.cells.items():
+        if not all(c.isalnum() or c in "_-." for c in cell):
+            raise ConfigError(f"{path}: cell name {cell!r} may use letters, digits, '_', '-', '.'.")
+        try:
+            configs[cell] = load_config(apply_overrides(base, cell_overrides or {}))
+        except ConfigError as exc:
+            raise ConfigError(f"{path}, cell {cell!r}: {exc}") from None
+    return spec, configs
+
+
+def _cell_config(config: Config, spec: GridSpec, cell: str, seed: int) -> Config:
+    data = to_dict(config)
+    data["seed"] = seed
+    data["name"] = f"{spec.name}.{cell}"
+    return from_dict(Config, data)
+
+
+def run_grid(
+    path: str | Path, overrides: Sequence[str] = (), *, console: bool = True
+) -> dict[str, Any]:
+    """Run every unfinished (cell, seed) of a grid, then summarise it."""
+    spec, configs = load_grid(path, overrides)
+    grid_dir = Path(spec.output_dir) / spec.name
+    grid_dir.mkdir(parents=True, exist_ok=True)
+    (grid_dir / "grid.yaml").write_text(Path(path).read_text(encoding="utf-8"), encoding="utf-8")
+    # Validate every cell before training any, so that a typo fails in seconds.
+    for cell, config in configs.items():
+        build_components(_cell_config(config, spec, cell, spec.seeds[0]))
+    for cell, config in configs.items():
+        for seed in spec.seeds:
+            cfg = _cell_config(config, spec, cell, seed)
+            run_path = grid_dir / cell / f"seed-{seed}"
+            if (run_path / "config.yaml").exists():
+                run = RunDirectory.open(run_path)
+                if run.read_config() != to_dict(cfg):
+                    raise ConfigError(
+                        f"{run_path} was trained with another configuration than cell {cell!r} "
+                        f"now has; give the grid a new name or remove {run_path}."
+                    )
+                if run.read_results() is not None:
+                    if console:
+                        print(f"[{cell} seed {seed}] finished earlier: {run_path}")
+                    continue
+                if run.last_checkpoint.exists():
+                    if console:
+                        print(f"[{cell} seed {seed}] resuming {run_path}")
+                    Trainer(build_components(cfg), run, console=console).fit(resume=True)
+                    continue
+                for child in run_path.iterdir():  # never got to a checkpoint: start afresh
+                    if child.is_file():
+                        child.unlink()
+            if console:
+                print(f"[{cell} seed {seed}] training -> {run_path}")
+            run = RunDirectory.create(run_path, to_dict(cfg))
+            Trainer(build_components(cfg), run, console=console).fit()
+    return summarize_grid(grid_dir, spec)
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    if not values:
+        return math.nan, None
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[str, Any]:
+    """Collect the finished runs of a grid directory into tables (written next to them)."""
+    grid_dir = Path(grid_dir)
+    if spec is None:
+        grid_file = grid_dir / "grid.yaml"
+        if not grid_file.is_file():
+            raise ConfigError(f"{grid_dir} is not a grid directory (no grid.yaml).")
+        spec = from_dict(GridSpec, read_yaml(grid_file), "grid")
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for cell in spec.cells:
+        for seed in spec.seeds:
+            results_path = grid_dir / cell / f"seed-{seed}" / "results.json"
+            if results_path.is_file():
+                runs.setdefault(cell, []).append(
+                    json.loads(results_path.read_text(encoding="utf-8"))
+                )
+    if not runs:
+        raise ConfigError(f"{grid_dir}: no finished runs yet.")
+    first = next(iter(runs.values()))[0]
+    hib: dict[str, dict[str, bool]] = first["higher_is_better"]
+    columns = results_columns(hib)
+    baseline: Baseline | None = None
+    if spec.baseline is not None and spec.baseline in runs:
+        base_runs = runs[spec.baseline]
+        values = {
+            t: {k: statistics.fmean(r["test"]["metrics"][t][k] for r in base_runs) for k in vals}
+            for t, vals in hib.items()
+        }
+        seeds = [
+            s
+            for s in spec.seeds
+            if (grid_dir / spec.baseline / f"seed-{s}" / "results.json").is_file()
+        ]
+        baseline = Baseline(
+            values=values,
+            higher_is_better=hib,
+            source=(
+                f"grid {spec.name!r}, cell {spec.baseline!r}, test split, mean over seeds {seeds} "
+                f"({grid_dir.resolve()})"
+            ),
+        )
+        baseline.save(grid_dir / "baseline.json")
+    rows: list[dict[str, Any]] = []
+    for cell, cell_runs in runs.items():
+        row: dict[str, Any] = {"cell": cell, "seeds": len(cell_runs)}
+        for t, k, _ in columns:
+            row[f"{t}.{k}"] = _mean_std([r["test"]["metrics"][t][k] for r in cell_runs])
+        if baseline is not None:
+            row["delta_m"] = _mean_std(
+                [delta_m(r["test"]["metrics"], baseline, spec.delta_m) for r in cell_runs]
+            )
+        row["time_s"] = _mean_std([r["train_time_s"] for r in cell_runs])
+        rows.append(row)
+    headers = ["cell", "seeds"] + [h for _, _, h in columns]
+    if baseline is not None:
+        arrow = "↑" if delta_m_higher_is_better(spec.delta_m) else "↓"
+        headers.append(
+            f"Δm % ({spec.delta_m}) {arrow}"
+            if spec.delta_m == "metric_mean"
+            else f"Δm ({spec.delta_m}) {arrow}"
+        )
+    headers.append("train time s")
+    table_rows = []
+    for row in rows:
+        cells = [row["cell"], str(row["seeds"])]
+        cells += [format_value(*row[f"{t}.{k}"]) for t, k, _ in columns]
+        if baseline is not None:
+            cells.append(format_value(*row["delta_m"]))
+        cells.append(format_value(*row["time_s"]))
+        table_rows.append(cells)
+    table = markdown_table(headers, table_rows)
+    note = (
+        f"Test split, mean ± standard deviation over seeds. Δm against cell {spec.baseline!r} "
+        f"({'CAGrad / Nash-MTL convention, percent, lower is better' if spec.delta_m == 'metric_mean' else 'LibMTL convention, fraction, higher is better'})."
+        if baseline is not None
+        else "Test split, mean ± standard deviation over seeds."
+    )
+    (grid_dir / "results.md").write_text(
+        f"# Grid {spec.name}\n\n{table}\n\n{note}\n", encoding="utf-8"
+    )
+    with (grid_dir / "results.csv").open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        keys = [f"{t}.{k}" for t, k, _ in columns] + (["delta_m"] if baseline else []) + ["time_s"]
+        writer.writerow(
+            ["cell", "seeds", *[f"{k}{suffix}" for k in keys for suffix in ("", "_std")]]
+        )
+        for row in rows:
+            writer.writerow([row["cell"], row["seeds"], *[v for k in keys for v in row[k]]])
+    summary = {
+        "grid": spec.name,
+        "table": table,
+        "note": note,
+        "rows": rows,
+        "baseline": None if baseline is None else baseline.source,
+    }
+    (grid_dir / "results.json").write_text(
+        json.dumps(summary, indent=2, default=str), encoding="utf-8"
+    )
+    return summary

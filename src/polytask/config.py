@@ -1,0 +1,358 @@
+"""Configuration: YAML recipes plus ``key=value`` overrides, validated into typed objects.
+
+A recipe is a YAML mapping whose keys mirror :class:`Config`. Validation is strict: an
+unknown key, a value of the wrong type or out of range is a :class:`~polytask.errors.ConfigError`
+naming the dotted key, what was expected and what was found. Component options
+(``data.options``, ``model.options``, ``balancer.options``, ...) are checked against the
+component's own signature when it is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+from .errors import ConfigError, did_you_mean
+
+__all__ = [
+    "BalancerConfig",
+    "Config",
+    "DataConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "SchedulerConfig",
+    "SelectionConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "from_dict",
+    "load_config",
+    "parse_overrides",
+    "to_dict",
+]
+
+
+def _range(*, ge: float | None = None, gt: float | None = None, le: float | None = None) -> Any:
+    return {"ge": ge, "gt": gt, "le": le}
+
+
+@dataclass
+class DataConfig:
+    """Which data set, its options, and how batches are drawn."""
+
+    name: str = "multidigits"
+    options: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = field(default=64, metadata=_range(ge=1))
+    eval_batch_size: int | None = field(default=None, metadata=_range(ge=1))
+    num_workers: int = field(default=0, metadata=_range(ge=0))
+    drop_last: bool = False
+    #: multi-input mode only: how each step's batches are drawn from the tasks' data sets
+    sampling: Literal["all", "round_robin", "proportional"] = "all"
+
+
+@dataclass
+class ModelConfig:
+    """The architecture (how tasks share), the backbone it wraps, and the heads."""
+
+    architecture: str = "hps"
+    options: dict[str, Any] = field(default_factory=dict)
+    backbone: str = "small_cnn"
+    backbone_options: dict[str, Any] = field(default_factory=dict)
+    head: Literal["linear", "mlp"] = "linear"
+
+
+@dataclass
+class BalancerConfig:
+    """The balancing method and its options."""
+
+    name: str = "equal"
+    options: dict[str, Any] = field(default_factory=dict)
+    #: learning rate of the method's own learnable parameters (None: the method's default,
+    #: else the model's)
+    lr: float | None = field(default=None, metadata=_range(gt=0))
+
+
+@dataclass
+class SchedulerConfig:
+    """Learning-rate schedule, stepped once per epoch."""
+
+    name: Literal["none", "step", "multistep", "cosine"] = "none"
+    step_size: int = field(default=100, metadata=_range(ge=1))
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = field(default=0.5, metadata=_range(gt=0))
+    min_lr: float = field(default=0.0, metadata=_range(ge=0))
+    warmup_epochs: int = field(default=0, metadata=_range(ge=0))
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer, gradient clipping and schedule."""
+
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = field(default=1e-3, metadata=_range(gt=0))
+    weight_decay: float = field(default=0.0, metadata=_range(ge=0))
+    momentum: float = field(default=0.9, metadata=_range(ge=0, le=1))
+    grad_clip: float | None = field(default=None, metadata=_range(gt=0))
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+@dataclass
+class SelectionConfig:
+    """How the reported model is chosen, always on the validation split.
+
+    - ``best``: the epoch with the best validation ``metric``; test is evaluated on it;
+    - ``last``: the last epoch;
+    - ``mean_last``: the papers' protocol: test metrics averaged over the last ``last_n``
+      epochs (test is evaluated in each of them, but never used to choose anything).
+
+    ``metric`` is ``loss`` (sum of the unweighted validation losses), ``delta_m`` (needs
+    ``eval.baseline``) or ``TASK.VALUE`` such as ``left.accuracy``.
+    """
+
+    protocol: Literal["best", "last", "mean_last"] = "best"
+    metric: str = "loss"
+    last_n: int = field(default=10, metadata=_range(ge=1))
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    epochs: int = field(default=10, metadata=_range(ge=1))
+    device: str = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    deterministic: bool = False
+    #: also checkpoint every N optimizer steps inside an epoch (None: at epoch ends only)
+    checkpoint_every_steps: int | None = field(default=None, metadata=_range(ge=1))
+    progress: bool = True
+    tensorboard: bool = False
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation and Delta_m."""
+
+    #: a baseline JSON file (see polytask.metrics.Baseline), or the name of a baseline
+    #: shipped with polytask; None: no Delta_m
+    baseline: str | None = None
+    delta_m: Literal["metric_mean", "task_mean"] = "metric_mean"
+
+
+@dataclass
+class Config:
+    """A whole training recipe."""
+
+    name: str = "run"
+    seed: int = 0
+    #: the tasks to learn (None: every task of the data set)
+    tasks: list[str] | None = None
+    output_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    balancer: BalancerConfig = field(default_factory=BalancerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# -- validation ---------------------------------------------------------------------------
+
+C = TypeVar("C")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, str(tp)
+    )
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        non_null = [a for a in args if a is not type(None)]
+        if len(non_null) == 1:
+            return _convert(value, non_null[0], key)
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, found {value!r}.")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            hint = did_you_mean(str(value), [str(a) for a in allowed])
+            raise ConfigError(
+                f"{key}: expected one of {', '.join(map(str, allowed))}, found {value!r}.{hint}"
+            )
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, found {value!r}.")
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, found {value!r}.")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)  # type: ignore[arg-type]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, found {value!r}.")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, found {value!r}.")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            # PyYAML reads ``1e-4`` (no dot) as a string; accept any float literal.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, found {value!r}.")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, found {value!r}.")
+        return value
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {key}")  # a bug in the schema
+
+
+def _check_range(value: Any, meta: Mapping[str, Any], key: str) -> None:
+    if value is None or not isinstance(value, int | float):
+        return
+    ge, gt, le = meta.get("ge"), meta.get("gt"), meta.get("le")
+    if ge is not None and value < ge:
+        raise ConfigError(f"{key}: expected a value >= {ge}, found {value!r}.")
+    if gt is not None and value <= gt:
+        raise ConfigError(f"{key}: expected a value > {gt}, found {value!r}.")
+    if le is not None and value > le:
+        raise ConfigError(f"{key}: expected a value <= {le}, found {value!r}.")
+
+
+def from_dict(cls: type[C], data: Any, prefix: str = "") -> C:
+    """Build the dataclass ``cls`` from a mapping, validating every key and value."""
+    where = prefix or "the configuration"
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, found {data!r}.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            allowed = ", ".join(fields)
+            raise ConfigError(
+                f"unknown key {dotted!r}.{did_you_mean(str(key), fields)} "
+                f"Allowed keys{' in ' + prefix if prefix else ''}: {allowed}."
+            )
+        converted = _convert(value, hints[key], dotted)
+        _check_range(converted, fields[key].metadata, dotted)
+        kwargs[key] = converted
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A plain mapping (YAML-serialisable) of a config dataclass."""
+    result: dict[str, Any] = dataclasses.asdict(config)
+    return result
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=x"]`` -> ``{"a.b": 1, "c": "x"}`` with values parsed as YAML scalars."""
+    parsed: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. optim.lr=0.001.")
+        try:
+            parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({exc}).") from None
+    return parsed
+
+
+def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Set dotted keys in a nested mapping (a copy is returned; validation happens later)."""
+    import copy
+
+    result = copy.deepcopy(data)
+    for dotted, value in overrides.items():
+        node = result
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {dotted}: {part!r} is not a mapping.")
+            node = child
+        node[parts[-1]] = value
+    return result
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with errors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (give the path to a YAML recipe).")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: expected a mapping at the top level, found {type(data).__name__}."
+        )
+    return data
+
+
+def load_config(
+    source: str | Path | Mapping[str, Any] | None = None,
+    overrides: Sequence[str] | Mapping[str, Any] = (),
+) -> Config:
+    """A validated :class:`Config` from a YAML path or a mapping, plus overrides."""
+    if source is None:
+        data: dict[str, Any] = {}
+    elif isinstance(source, Mapping):
+        data = dict(source)
+    else:
+        data = read_yaml(source)
+    parsed = overrides if isinstance(overrides, Mapping) else parse_overrides(overrides)
+    return from_dict(Config, apply_overrides(data, parsed))

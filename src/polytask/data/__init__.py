@@ -1,0 +1,12 @@
+"""Data sets: the sample contract, the registry of builders and the bundled benchmarks.
+
+Importing this package registers the built-in builders in :data:`DATASETS`.
+"""
+
+from __future__ import annotations
+
+from . import multidigits as multidigits
+from .base import DATASETS, SPLITS, DataBundle
+from .tensor import TensorMTLDataset
+
+__all__ = ["DATASETS", "SPLITS", "DataBundle", "TensorMTLDataset"]

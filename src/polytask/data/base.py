@@ -1,0 +1,57 @@
+"""What a data set provides to polytask: its tasks and its splits.
+
+A sample is a mapping with the keys
+
+- ``"input"``: a tensor (or any collatable structure) fed to the model;
+- ``"targets"``: ``{task name: tensor}``, one entry for every task, labelled or not (a filler
+  value where the label is missing, so that samples collate into batches);
+- ``"mask"`` (optional): ``{task name: bool tensor of shape ()}``, false where the sample has
+  no label for that task. Without ``"mask"`` every sample is labelled for every task.
+
+In **single-input** mode (the usual case: one batch carries every task's labels) each split
+is one ``Dataset``. In **multi-input** mode every task has a data set of its own, and each
+split is ``{task name: Dataset}``; samples of the data set of task ``t`` need only carry
+``targets[t]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from torch.utils.data import Dataset
+
+from ..registry import Registry
+from ..tasks import Task
+
+__all__ = ["DATASETS", "SPLITS", "DataBundle", "Split"]
+
+Split = Union["Dataset[Any]", Mapping[str, "Dataset[Any]"]]
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class DataBundle:
+    """The tasks and the train / val / test splits of one data set.
+
+    ``val`` is used for model selection and must not be the test split.
+    """
+
+    tasks: dict[str, Task]
+    train: Split
+    val: Split
+    test: Split
+    input_shape: tuple[int, ...]
+    multi_input: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def split(self, name: str) -> Split:
+        if name not in SPLITS:
+            raise ValueError(f"Expected a split in {SPLITS}, found {name!r}.")
+        result: Split = getattr(self, name)
+        return result
+
+
+DATASETS: Registry[Any] = Registry("dataset")
+"""Data set builders: ``builder(**options) -> DataBundle``."""

@@ -1,0 +1,25 @@
+"""Architectures (how tasks share), backbones and heads."""
+
+from . import backbones, sharing
+from .base import (
+    ARCHITECTURES,
+    BACKBONES,
+    BackboneFactory,
+    HeadFactory,
+    MultiTaskModel,
+    check_parameter_partition,
+)
+from .heads import linear_head, mlp_head
+
+__all__ = [
+    "ARCHITECTURES",
+    "BACKBONES",
+    "BackboneFactory",
+    "HeadFactory",
+    "MultiTaskModel",
+    "backbones",
+    "check_parameter_partition",
+    "linear_head",
+    "mlp_head",
+    "sharing",
+]

@@ -1,0 +1,77 @@
+"""The Markdown report of one run directory."""
+
+from __future__ import annotations
+
+import yaml
+
+from ..training.rundir import RunDirectory
+from .plots import plot_run_curves
+from .tables import format_value, markdown_table, results_columns
+
+__all__ = ["results_table", "write_run_report"]
+
+
+def results_table(results: dict[str, object], split: str = "test") -> str:
+    """One row of the run's metric values on ``split``, plus Delta_m when there is one."""
+    hib = results["higher_is_better"]
+    assert isinstance(hib, dict)
+    columns = results_columns(hib)
+    block = results[split]
+    assert isinstance(block, dict)
+    metrics = block["metrics"]
+    headers = ["split"] + [h for _, _, h in columns]
+    row = [split] + [format_value(metrics[t][k]) for t, k, _ in columns]
+    dm = results.get("delta_m")
+    if isinstance(dm, dict) and split == "test":
+        arrow = "↑" if dm["higher_is_better"] else "↓"
+        headers.append(f"Δm {dm['convention']} {arrow}")
+        row.append(format_value(dm["value"]))
+    return markdown_table(headers, [row])
+
+
+def write_run_report(run: RunDirectory) -> None:
+    """Write ``report.md`` and ``plots/curves.png`` from what the run directory holds."""
+    results = run.read_results()
+    records = run.read_metrics()
+    curves = plot_run_curves(records, run.plots_dir / "curves.png")
+    config = run.read_config()
+    lines = [f"# Run {run.path.name}", ""]
+    if results is None:
+        lines += ["Training has not finished: no results yet.", ""]
+    else:
+        sel = results["selection"]
+        chosen = (
+            f"epoch {sel['epoch'] + 1}"
+            if "epoch" in sel
+            else f"mean of epochs {[e + 1 for e in sel['epochs']]}"
+        )
+        lines += [
+            f"Tasks: {', '.join(results['tasks'])}. Architecture `{config['model']['architecture']}`, "
+            f"balancing `{config['balancer']['name']}`, data `{config['data']['name']}`.",
+            f"Selection: {sel['protocol']} by validation {sel['metric']} ({chosen}). "
+            f"Training time {results['train_time_s']:.1f} s.",
+            "",
+            "## Results",
+            "",
+            results_table(results, "test"),
+            "",
+            results_table(results, "val"),
+            "",
+        ]
+        dm = results.get("delta_m")
+        if dm:
+            lines += [f"Δm baseline: {dm['baseline_source']}", ""]
+        lines += ["## Parameters", ""]
+        lines += [f"- {k}: {v:,}" for k, v in results["parameters"].items()]
+        lines.append("")
+    if curves is not None:
+        lines += ["## Curves", "", f"![curves]({curves.relative_to(run.path)})", ""]
+    lines += [
+        "## Configuration",
+        "",
+        "```yaml",
+        yaml.safe_dump(config, sort_keys=False).rstrip(),
+        "```",
+        "",
+    ]
+    (run.path / "report.md").write_text("\n".join(lines), encoding="utf-8")

@@ -1,0 +1,223 @@
+"""Turn a validated :class:`~polytask.config.Config` into the objects a run needs."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import partial
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..balancing.base import BALANCERS, Balancer
+from ..config import Config, OptimConfig, SchedulerConfig
+from ..data.base import DATASETS, DataBundle
+from ..errors import ConfigError
+from ..metrics.delta_m import Baseline
+from ..models.base import ARCHITECTURES, BACKBONES, MultiTaskModel
+from ..models.heads import linear_head, mlp_head
+from ..registry import call_with_options
+from ..tasks import Task, check_task_names
+
+__all__ = [
+    "Components",
+    "build_components",
+    "build_data",
+    "build_model",
+    "build_optimizer",
+    "build_scheduler",
+    "resolve_baseline",
+    "resolve_device",
+]
+
+
+def _load_plugins() -> None:
+    # Importing the packages registers the built-in components.
+    from .. import balancing, data, models  # noqa: F401
+
+
+@dataclass
+class Components:
+    """Everything one run is made of."""
+
+    config: Config
+    bundle: DataBundle
+    tasks: dict[str, Task]
+    model: MultiTaskModel
+    balancer: Balancer
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    device: torch.device
+    baseline: Baseline | None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(
+            f"train.device: expected auto, cpu, cuda or cuda:N, found {name!r}."
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is cuda but no CUDA device is available; use cpu or auto.")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, found {name!r}.")
+    return device
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError(
+            "train.precision=fp16 (with loss scaling) needs a CUDA device; on the CPU use bf16 or fp32."
+        )
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("train.precision=bf16 is not supported by this GPU; use fp16 or fp32.")
+
+
+def build_data(config: Config) -> tuple[DataBundle, dict[str, Task]]:
+    """The data bundle and the selected tasks (in the order the config names them)."""
+    _load_plugins()
+    builder = DATASETS.get(config.data.name)
+    bundle = call_with_options(builder, config.data.options, where="data.options")
+    if not isinstance(bundle, DataBundle):
+        raise TypeError(f"data set builder {config.data.name!r} returned {type(bundle).__name__}")
+    names = check_task_names(bundle.tasks, config.tasks)
+    return bundle, {n: bundle.tasks[n] for n in names}
+
+
+def build_model(
+    config: Config, tasks: Mapping[str, Task], input_shape: tuple[int, ...]
+) -> MultiTaskModel:
+    _load_plugins()
+    backbone_cls = BACKBONES.get(config.model.backbone)
+    options = dict(config.model.backbone_options)
+    # Build once now so that bad options fail before training starts.
+    call_with_options(
+        backbone_cls, options, where="model.backbone_options", provided={"input_shape": input_shape}
+    )
+
+    def backbone() -> nn.Module:
+        module: nn.Module = backbone_cls(input_shape=input_shape, **options)
+        return module
+
+    head = linear_head if config.model.head == "linear" else mlp_head
+    factory = ARCHITECTURES.get(config.model.architecture)
+    model = call_with_options(
+        factory,
+        config.model.options,
+        where="model.options",
+        provided={"tasks": dict(tasks), "backbone": backbone, "head": head},
+    )
+    if not isinstance(model, MultiTaskModel):
+        raise TypeError(
+            f"architecture {config.model.architecture!r} returned {type(model).__name__}"
+        )
+    return model
+
+
+def build_balancer(config: Config, tasks: Mapping[str, Task]) -> Balancer:
+    _load_plugins()
+    factory = BALANCERS.get(config.balancer.name)
+    balancer = call_with_options(
+        factory, config.balancer.options, where="balancer.options", provided={"tasks": list(tasks)}
+    )
+    if not isinstance(balancer, Balancer):
+        raise TypeError(
+            f"balancing method {config.balancer.name!r} returned {type(balancer).__name__}"
+        )
+    return balancer
+
+
+def build_optimizer(
+    cfg: OptimConfig, model: MultiTaskModel, balancer: Balancer, balancer_lr: float | None
+) -> torch.optim.Optimizer:
+    """One parameter group for the model (architectures may split it), one for the balancer."""
+    groups: list[dict[str, Any]] = model.optimizer_param_groups(cfg.lr)
+    own = [p for p in balancer.parameters() if p.requires_grad]
+    if own:
+        lr = balancer_lr if balancer_lr is not None else (balancer.lr or cfg.lr)
+        groups.append({"params": own, "lr": lr, "weight_decay": 0.0, "name": "balancer"})
+    if cfg.name == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(cfg: SchedulerConfig, epochs: int, base_lr: float, epoch: int) -> float:
+    """The learning-rate multiplier in ``epoch`` (0-based): warm-up, then the schedule."""
+    if cfg.warmup_epochs and epoch < cfg.warmup_epochs:
+        return (epoch + 1) / (cfg.warmup_epochs + 1)
+    e = epoch - cfg.warmup_epochs
+    if cfg.name == "step":
+        return float(cfg.gamma ** (e // cfg.step_size))
+    if cfg.name == "multistep":
+        return float(cfg.gamma ** sum(1 for m in cfg.milestones if epoch >= m))
+    if cfg.name == "cosine":
+        span = max(1, epochs - cfg.warmup_epochs)
+        floor = cfg.min_lr / base_lr
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(e, span) / span))
+    return 1.0
+
+
+def build_scheduler(
+    cfg: SchedulerConfig, optimizer: torch.optim.Optimizer, epochs: int, base_lr: float
+) -> torch.optim.lr_scheduler.LRScheduler:
+    if cfg.name == "multistep" and sorted(cfg.milestones) != cfg.milestones:
+        raise ConfigError(f"optim.scheduler.milestones must be increasing, found {cfg.milestones}.")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg, epochs, base_lr))
+
+
+def resolve_baseline(spec: str | None, tasks: Mapping[str, Task]) -> Baseline | None:
+    """A baseline from a JSON path, or the name of one shipped in ``polytask/data/baselines``."""
+    if spec is None:
+        return None
+    path = Path(spec)
+    if not path.suffix:
+        shipped = resources.files("polytask.data") / "baselines" / f"{spec}.json"
+        if not shipped.is_file():
+            raise ConfigError(
+                f"eval.baseline: no file {spec!r} and no baseline named {spec!r} ships with polytask."
+            )
+        path = Path(str(shipped))
+    baseline = Baseline.load(path)
+    missing = [t for t in baseline.values if t not in tasks]
+    if missing:
+        raise ConfigError(
+            f"eval.baseline {path} has results for task(s) {missing} that this run does not learn."
+        )
+    return baseline
+
+
+def build_components(config: Config) -> Components:
+    """Build data, model, balancer, optimizer and scheduler from a configuration."""
+    device = resolve_device(config.train.device)
+    check_precision(config.train.precision, device)
+    bundle, tasks = build_data(config)
+    if config.train.selection.metric == "delta_m" and config.eval.baseline is None:
+        raise ConfigError("train.selection.metric=delta_m needs eval.baseline.")
+    baseline = resolve_baseline(config.eval.baseline, tasks)
+    torch.manual_seed(config.seed)  # the initial weights depend only on the seed
+    model = build_model(config, tasks, bundle.input_shape).to(device)
+    balancer = build_balancer(config, tasks).to(device)
+    optimizer = build_optimizer(config.optim, model, balancer, config.balancer.lr)
+    scheduler = build_scheduler(
+        config.optim.scheduler, optimizer, config.train.epochs, config.optim.lr
+    )
+    return Components(
+        config=config,
+        bundle=bundle,
+        tasks=tasks,
+        model=model,
+        balancer=balancer,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        device=device,
+        baseline=baseline,
+    )

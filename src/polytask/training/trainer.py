@@ -1,0 +1,501 @@
+"""The training loop: balanced multi-task steps, exact resume, model selection on val.
+
+One :class:`Trainer` drives one run directory. Everything that determines what happens
+next (weights, optimizer, schedule, balancer state, random states, epoch, position in the
+epoch and the epoch's running sums) is in the checkpoint, so a run killed at any point and
+resumed from its last checkpoint continues exactly as if it had not stopped (bit for bit
+on the CPU in deterministic mode).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from ..balancing.base import BackwardContext
+from ..config import Config
+from ..data.loading import epoch_schedule, iterate_batches, to_device
+from ..errors import CheckpointError, ConfigError, TrainingDiverged
+from ..evaluation import EvalResult, autocast, evaluate, forward_step, split_datasets
+from ..metrics.delta_m import delta_m, delta_m_higher_is_better
+from .build import Components
+from .checkpoint import FORMAT, check_model_signature, load_checkpoint, model_signature, save_atomic
+from .rundir import RunDirectory
+from .seeding import capture_rng_state, restore_rng_state, seed_everything, set_deterministic
+
+__all__ = ["StepEnd", "Trainer"]
+
+
+@dataclass
+class StepEnd:
+    """What a step-end callback receives."""
+
+    epoch: int
+    step_in_epoch: int
+    global_step: int
+    losses: dict[str, Tensor]
+    weights: dict[str, Tensor]
+
+
+@dataclass
+class _State:
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    best_score: float | None = None
+    best_epoch: int | None = None
+    train_time_s: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Trainer:
+    """Train the components of one run into its run directory.
+
+    Args:
+        components: what :func:`~polytask.training.build.build_components` built.
+        run: the run directory (created by the caller; see :mod:`.rundir`).
+        step_callbacks: called after every optimizer step with a :class:`StepEnd`.
+        console: also log to stderr.
+    """
+
+    def __init__(
+        self,
+        components: Components,
+        run: RunDirectory,
+        *,
+        step_callbacks: Sequence[Callable[[StepEnd], None]] = (),
+        console: bool = True,
+    ) -> None:
+        self.c = components
+        self.cfg: Config = components.config
+        self.run = run
+        self.step_callbacks = list(step_callbacks)
+        self.log = run.logger(console=console)
+        self.state = _State()
+        self.scaler = (
+            torch.amp.GradScaler(components.device.type)
+            if self.cfg.train.precision == "fp16"
+            else None
+        )
+        self._validate_selection()
+        self._tb: Any = None
+        self._reset_accumulators()
+
+    # -- set-up --------------------------------------------------------------------------
+    def _validate_selection(self) -> None:
+        sel = self.cfg.train.selection
+        if sel.protocol == "mean_last" and sel.last_n > self.cfg.train.epochs:
+            raise ConfigError(
+                f"train.selection.last_n ({sel.last_n}) exceeds train.epochs "
+                f"({self.cfg.train.epochs})."
+            )
+        if sel.metric in ("loss", "delta_m"):
+            return
+        task, _, value = sel.metric.partition(".")
+        if task not in self.c.tasks:
+            raise ConfigError(
+                f"train.selection.metric {sel.metric!r}: unknown task {task!r}; expected loss, "
+                f"delta_m or TASK.VALUE with a task among {', '.join(self.c.tasks)}."
+            )
+        values = self.c.tasks[task].higher_is_better()
+        if value not in values:
+            raise ConfigError(
+                f"train.selection.metric {sel.metric!r}: task {task!r} has the values "
+                f"{', '.join(values)}."
+            )
+
+    def _reset_accumulators(self) -> None:
+        dev = self.c.device
+        names = list(self.c.tasks)
+        self._acc: dict[str, Tensor] = {
+            "loss_sum": torch.zeros(len(names), dtype=torch.float64, device=dev),
+            "loss_count": torch.zeros(len(names), dtype=torch.float64, device=dev),
+            "weight_sum": torch.zeros(len(names), dtype=torch.float64, device=dev),
+            "weight_count": torch.zeros(len(names), dtype=torch.float64, device=dev),
+        }
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def checkpoint_state(self) -> dict[str, Any]:
+        s = self.state
+        return {
+            "format": FORMAT,
+            "model": self.c.model.state_dict(),
+            "model_signature": model_signature(self.c.model),
+            "optimizer": self.c.optimizer.state_dict(),
+            "scheduler": self.c.scheduler.state_dict(),
+            "balancer": self.c.balancer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": capture_rng_state(),
+            "epoch": s.epoch,
+            "step_in_epoch": s.step_in_epoch,
+            "global_step": s.global_step,
+            "best_score": s.best_score,
+            "best_epoch": s.best_epoch,
+            "train_time_s": s.train_time_s,
+            "history": s.history,
+            "accumulators": {k: v.cpu() for k, v in self._acc.items()},
+        }
+
+    def save_checkpoint(self) -> None:
+        save_atomic(self.checkpoint_state(), self.run.last_checkpoint)
+
+    def load_checkpoint(self) -> None:
+        """Restore everything from the run's ``last.pt``."""
+        path = self.run.last_checkpoint
+        data = load_checkpoint(path)
+        check_model_signature(data["model_signature"], self.c.model, path)
+        try:
+            self.c.model.load_state_dict(data["model"])
+            self.c.optimizer.load_state_dict(data["optimizer"])
+            self.c.scheduler.load_state_dict(data["scheduler"])
+            self.c.balancer.load_state_dict(data["balancer"])
+            if self.scaler is not None and data["scaler"] is not None:
+                self.scaler.load_state_dict(data["scaler"])
+            self.state = _State(
+                epoch=int(data["epoch"]),
+                step_in_epoch=int(data["step_in_epoch"]),
+                global_step=int(data["global_step"]),
+                best_score=data["best_score"],
+                best_epoch=data["best_epoch"],
+                train_time_s=float(data["train_time_s"]),
+                history=list(data["history"]),
+            )
+            self._acc = {k: v.to(self.c.device) for k, v in data["accumulators"].items()}
+            restore_rng_state(data["rng"])
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"checkpoint {path} does not match this run ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:200]})."
+            ) from None
+
+    # -- training ------------------------------------------------------------------------
+    def fit(self, *, resume: bool = False) -> dict[str, Any]:
+        """Train to the configured number of epochs, then evaluate; returns the results."""
+        cfg = self.cfg
+        set_deterministic(cfg.train.deterministic)
+        seed_everything(cfg.seed)
+        if resume:
+            self.load_checkpoint()
+            self.run.truncate_metrics(self.state.epoch)
+            self.log.info(
+                f"resuming {self.run.path} at epoch {self.state.epoch + 1}, "
+                f"step {self.state.step_in_epoch}"
+            )
+        else:
+            groups = self.c.model.describe()
+            self.log.info(
+                f"run {self.run.path}: {cfg.model.architecture} / {cfg.balancer.name} on "
+                f"{cfg.data.name} tasks {list(self.c.tasks)}; parameters {groups}; "
+                f"device {self.c.device}, precision {cfg.train.precision}"
+            )
+        try:
+            while self.state.epoch < cfg.train.epochs:
+                self._train_epoch()
+            results = self.finish()
+        finally:
+            if self._tb is not None:
+                self._tb.close()
+            self.run.close_logger()
+        return results
+
+    def _train_epoch(self) -> None:
+        cfg, c, s = self.cfg, self.c, self.state
+        epoch = s.epoch
+        if s.step_in_epoch == 0:
+            self._reset_accumulators()
+            c.balancer.on_epoch_start(epoch)
+        datasets = split_datasets(c.bundle.train, c.tasks)
+        sizes = {k: len(d) for k, d in datasets.items()}
+        steps = epoch_schedule(
+            sizes,
+            batch_size=cfg.data.batch_size,
+            seed=cfg.seed,
+            epoch=epoch,
+            drop_last=cfg.data.drop_last,
+            strategy=cfg.data.sampling,
+        )
+        start = s.step_in_epoch
+        c.model.train()
+        started = time.perf_counter()
+        bar = tqdm(
+            total=len(steps),
+            initial=start,
+            desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+            disable=not (cfg.train.progress and sys.stderr.isatty()),
+            leave=False,
+            dynamic_ncols=True,
+        )
+        batches_iter = iterate_batches(
+            datasets,
+            steps[start:],
+            num_workers=cfg.data.num_workers,
+            seed=cfg.seed * 100_003 + epoch,
+            pin_memory=c.device.type == "cuda",
+        )
+        every = cfg.train.checkpoint_every_steps
+        for batches in batches_iter:
+            self._train_step(batches)
+            s.step_in_epoch += 1
+            s.global_step += 1
+            bar.update(1)
+            if every and s.global_step % every == 0 and s.step_in_epoch < len(steps):
+                s.train_time_s += time.perf_counter() - started
+                started = time.perf_counter()
+                self.save_checkpoint()
+        bar.close()
+        s.train_time_s += time.perf_counter() - started
+        self._end_epoch(epoch)
+
+    def _train_step(self, batches: Mapping[str, Any]) -> None:
+        c, s = self.c, self.state
+        names = list(c.tasks)
+        batches = to_device(batches, c.device)
+        c.optimizer.zero_grad(set_to_none=True)
+        with autocast(c.device, self.cfg.train.precision):
+            outputs = list(forward_step(c.model, c.tasks, batches))
+        losses: dict[str, Tensor] = {}
+        counts: dict[str, Tensor] = {}
+        masked = False
+        for name, pred, target, mask in outputs:
+            losses[name] = c.tasks[name].compute_loss(pred.float(), target, mask)
+            if mask is None:
+                counts[name] = torch.tensor(float(target.shape[0]), device=c.device)
+            else:
+                masked = True
+                counts[name] = mask.sum().to(torch.float64)
+        stacked = torch.stack([losses[t].detach().float() for t in losses])
+        if not bool(torch.isfinite(stacked).all()):
+            bad = [t for t, v in zip(losses, stacked.tolist(), strict=True) if not math.isfinite(v)]
+            raise TrainingDiverged(
+                f"the loss of task(s) {', '.join(repr(b) for b in bad)} is "
+                f"{stacked[[list(losses).index(b) for b in bad]].tolist()} at epoch "
+                f"{s.epoch + 1}, step {s.step_in_epoch + 1} (global step {s.global_step + 1}). "
+                f"Training stopped; {self.run.path} keeps its last good checkpoint. Try a lower "
+                "optim.lr or optim.grad_clip."
+            )
+        present = losses
+        if masked:  # a task without any label in this batch contributes nothing to it
+            labelled = torch.stack([counts[t] for t in losses]).tolist()
+            present = {t: losses[t] for t, n in zip(losses, labelled, strict=True) if n > 0}
+        weights: dict[str, Tensor] = {}
+        if present:
+            ctx = BackwardContext(
+                shared_parameters=list(c.model.shared_parameters()),
+                grad_scaler=self.scaler,
+                epoch=s.epoch,
+                step=s.global_step,
+            )
+            weights = c.balancer.backward(present, ctx)
+            self._optimizer_step()
+            c.balancer.after_optimizer_step()
+        for t, loss in present.items():
+            i = names.index(t)
+            self._acc["loss_sum"][i] += loss.detach().double() * counts[t]
+            self._acc["loss_count"][i] += counts[t]
+            if t in weights:
+                self._acc["weight_sum"][i] += weights[t].double()
+                self._acc["weight_count"][i] += 1
+        if self.step_callbacks:
+            info = StepEnd(s.epoch, s.step_in_epoch, s.global_step, dict(present), weights)
+            for callback in self.step_callbacks:
+                callback(info)
+
+    def _optimizer_step(self) -> None:
+        opt = self.c.optimizer
+        clip = self.cfg.optim.grad_clip
+        if self.scaler is not None:
+            if clip is not None:
+                self.scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(self.c.model.parameters(), clip)
+            self.scaler.step(opt)
+            self.scaler.update()
+        else:
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.c.model.parameters(), clip)
+            opt.step()
+
+    # -- epoch end and selection ---------------------------------------------------------
+    def _evaluate(self, split: str) -> EvalResult:
+        cfg = self.cfg
+        return evaluate(
+            self.c.model,
+            self.c.tasks,
+            self.c.bundle.split(split),
+            batch_size=cfg.data.eval_batch_size or cfg.data.batch_size,
+            device=self.c.device,
+            precision=cfg.train.precision,
+            num_workers=cfg.data.num_workers,
+        )
+
+    def _score(self, result: EvalResult) -> tuple[float, bool]:
+        """The selection score of a validation result and whether higher is better."""
+        sel = self.cfg.train.selection
+        if sel.metric == "loss":
+            return sum(result.losses.values()), False
+        if sel.metric == "delta_m":
+            assert self.c.baseline is not None
+            conv = self.cfg.eval.delta_m
+            return delta_m(result.metrics, self.c.baseline, conv), delta_m_higher_is_better(conv)
+        task, _, value = sel.metric.partition(".")
+        return result.metrics[task][value], self.c.tasks[task].higher_is_better()[value]
+
+    def _end_epoch(self, epoch: int) -> None:
+        c, s, cfg = self.c, self.state, self.cfg
+        names = list(c.tasks)
+        acc = {k: v.cpu() for k, v in self._acc.items()}
+        train_losses = {
+            t: float(acc["loss_sum"][i] / acc["loss_count"][i])
+            if acc["loss_count"][i]
+            else math.nan
+            for i, t in enumerate(names)
+        }
+        mean_weights = {
+            t: float(acc["weight_sum"][i] / acc["weight_count"][i])
+            if acc["weight_count"][i]
+            else math.nan
+            for i, t in enumerate(names)
+        }
+        c.balancer.on_epoch_end(epoch, train_losses)
+        lr = float(c.optimizer.param_groups[0]["lr"])
+        c.scheduler.step()
+        val = self._evaluate("val")
+        score, higher = self._score(val)
+        record: dict[str, Any] = {
+            "epoch": epoch,
+            "lr": lr,
+            "train": {"loss": train_losses, "weight": mean_weights},
+            "val": val.to_dict(),
+            "score": score,
+            "time_s": s.train_time_s,
+        }
+        sel = cfg.train.selection
+        if sel.protocol == "mean_last" and epoch >= cfg.train.epochs - sel.last_n:
+            record["test"] = self._evaluate("test").to_dict()
+        improved = s.best_score is None or (
+            score > s.best_score if higher else score < s.best_score
+        )
+        if improved and math.isfinite(score):
+            s.best_score, s.best_epoch = score, epoch
+            save_atomic(
+                {
+                    "format": FORMAT,
+                    "model": c.model.state_dict(),
+                    "model_signature": model_signature(c.model),
+                    "epoch": epoch,
+                    "score": score,
+                },
+                self.run.best_checkpoint,
+            )
+        s.history.append({"epoch": epoch, "score": score})
+        self.run.append_metrics(record)
+        self._log_epoch(record)
+        s.epoch += 1
+        s.step_in_epoch = 0
+        self.save_checkpoint()
+
+    def _log_epoch(self, record: Mapping[str, Any]) -> None:
+        epoch = record["epoch"]
+        parts = [f"epoch {epoch + 1}/{self.cfg.train.epochs}"]
+        parts.append(
+            "train " + " ".join(f"{t}={v:.4f}" for t, v in record["train"]["loss"].items())
+        )
+        val = record["val"]["metrics"]
+        parts.append(
+            "val "
+            + " ".join(f"{t}.{k}={v:.4g}" for t, vals in val.items() for k, v in vals.items())
+        )
+        parts.append(f"score={record['score']:.4g}")
+        self.log.info(" | ".join(parts))
+        if self.cfg.train.tensorboard:
+            writer = self._tensorboard()
+            for t, v in record["train"]["loss"].items():
+                writer.add_scalar(f"train_loss/{t}", v, epoch)
+            for t, v in record["train"]["weight"].items():
+                writer.add_scalar(f"weight/{t}", v, epoch)
+            for t, vals in val.items():
+                for k, v in vals.items():
+                    writer.add_scalar(f"val/{t}/{k}", v, epoch)
+            writer.add_scalar("lr", record["lr"], epoch)
+            writer.flush()
+
+    def _tensorboard(self) -> Any:
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError(
+                    "train.tensorboard=true needs the tensorboard package: "
+                    "pip install 'polytask[tensorboard]'."
+                ) from None
+            self._tb = SummaryWriter(log_dir=str(self.run.path / "tensorboard"))
+        return self._tb
+
+    # -- final results -------------------------------------------------------------------
+    def finish(self) -> dict[str, Any]:
+        """Evaluate by the selection protocol, write ``results.json`` and the report."""
+        cfg, c, s = self.cfg, self.c, self.state
+        sel = cfg.train.selection
+        records = self.run.read_metrics()
+        selection: dict[str, Any] = {"protocol": sel.protocol, "metric": sel.metric}
+        if sel.protocol == "mean_last":
+            last = [r for r in records if "test" in r]
+            selection["epochs"] = [r["epoch"] for r in last]
+            val = _mean_results([r["val"] for r in last])
+            test = _mean_results([r["test"] for r in last])
+        else:
+            if sel.protocol == "best":
+                best = load_checkpoint(self.run.best_checkpoint)
+                c.model.load_state_dict(best["model"])
+                selection["epoch"] = int(best["epoch"])
+            else:
+                selection["epoch"] = cfg.train.epochs - 1
+            val = self._evaluate("val").to_dict()
+            test = self._evaluate("test").to_dict()
+        results: dict[str, Any] = {
+            "name": cfg.name,
+            "tasks": list(c.tasks),
+            "selection": selection,
+            "val": val,
+            "test": test,
+            "higher_is_better": {t: task.higher_is_better() for t, task in c.tasks.items()},
+            "parameters": c.model.describe(),
+            "train_time_s": s.train_time_s,
+            "delta_m": None,
+        }
+        if c.baseline is not None:
+            conv = cfg.eval.delta_m
+            results["delta_m"] = {
+                "convention": conv,
+                "higher_is_better": delta_m_higher_is_better(conv),
+                "value": delta_m(test["metrics"], c.baseline, conv),
+                "baseline_source": c.baseline.source,
+            }
+        self.run.write_results(results)
+        from ..report import write_run_report
+
+        write_run_report(self.run)
+        self.log.info(f"finished: results in {self.run.results_path}")
+        return results
+
+
+def _mean_results(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Average ``{"metrics": {t: {k: v}}, "losses": {t: v}}`` records."""
+    metrics: dict[str, dict[str, float]] = {}
+    losses: dict[str, float] = {}
+    n = len(items)
+    for item in items:
+        for t, vals in item["metrics"].items():
+            for k, v in vals.items():
+                metrics.setdefault(t, {}).setdefault(k, 0.0)
+                metrics[t][k] += v / n
+        for t, v in item["losses"].items():
+            losses[t] = losses.get(t, 0.0) + v / n
+    return {"metrics": metrics, "losses": losses}
