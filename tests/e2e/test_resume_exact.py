@@ -14,9 +14,8 @@ from typing import Any
 import pytest
 import torch
 
-from polytask.training.checkpoint import load_checkpoint
-
 from helpers import tiny_config_dict
+from polytask.training.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
 
@@ -52,7 +51,9 @@ def _records(run_dir: Path) -> list[dict[str, Any]]:
     return records
 
 
-@pytest.mark.parametrize("checkpoint_every_steps", [3, None], ids=["step-checkpoints", "epoch-checkpoints"])
+@pytest.mark.parametrize(
+    "checkpoint_every_steps", [3, None], ids=["step-checkpoints", "epoch-checkpoints"]
+)
 def test_killed_and_resumed_run_matches_uninterrupted_run(
     tmp_path: Path, checkpoint_every_steps: int | None
 ) -> None:

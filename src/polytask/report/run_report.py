@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import yaml
 
 from ..training.rundir import RunDirectory
@@ -29,6 +31,11 @@ def results_table(results: dict[str, object], split: str = "test") -> str:
     return markdown_table(headers, [row])
 
 
+def _get(config: dict[str, Any], section: str, key: str) -> str:
+    value = config.get(section, {})
+    return str(value.get(key, "?")) if isinstance(value, dict) else "?"
+
+
 def write_run_report(run: RunDirectory) -> None:
     """Write ``report.md`` and ``plots/curves.png`` from what the run directory holds."""
     results = run.read_results()
@@ -46,8 +53,8 @@ def write_run_report(run: RunDirectory) -> None:
             else f"mean of epochs {[e + 1 for e in sel['epochs']]}"
         )
         lines += [
-            f"Tasks: {', '.join(results['tasks'])}. Architecture `{config['model']['architecture']}`, "
-            f"balancing `{config['balancer']['name']}`, data `{config['data']['name']}`.",
+            f"Tasks: {', '.join(results['tasks'])}. Architecture `{_get(config, 'model', 'architecture')}`, "
+            f"balancing `{_get(config, 'balancer', 'name')}`, data `{_get(config, 'data', 'name')}`.",
             f"Selection: {sel['protocol']} by validation {sel['metric']} ({chosen}). "
             f"Training time {results['train_time_s']:.1f} s.",
             "",
