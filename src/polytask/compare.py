@@ -216,7 +216,9 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
         cells = [row["cell"], str(row["seeds"])]
         cells += [format_value(*row[f"{t}.{k}"]) for t, k, _ in columns]
         if baseline is not None:
-            cells.append(format_value(*row["delta_m"]))
+            cells.append(
+                format_value(*row["delta_m"], decimals=2 if spec.delta_m == "metric_mean" else 4)
+            )
         cells.append(format_value(*row["time_s"]))
         table_rows.append(cells)
     table = markdown_table(headers, table_rows)

@@ -27,7 +27,9 @@ def results_table(results: dict[str, object], split: str = "test") -> str:
     if isinstance(dm, dict) and split == "test":
         arrow = "↑" if dm["higher_is_better"] else "↓"
         headers.append(f"Δm {dm['convention']} {arrow}")
-        row.append(format_value(dm["value"]))
+        row.append(
+            format_value(dm["value"], decimals=2 if dm["convention"] == "metric_mean" else 4)
+        )
     return markdown_table(headers, [row])
 
 

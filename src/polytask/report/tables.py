@@ -8,13 +8,18 @@ from collections.abc import Mapping, Sequence
 __all__ = ["format_value", "markdown_table", "results_columns"]
 
 
-def format_value(value: float | None, std: float | None = None) -> str:
-    """Four significant digits, with ``± std`` when given; NaN or None as ``-``."""
+def format_value(
+    value: float | None, std: float | None = None, *, decimals: int | None = None
+) -> str:
+    """Four significant digits (or fixed ``decimals``), with ``± std``; NaN or None as ``-``."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    text = f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
+    if decimals is not None:
+        text = f"{round(value, decimals) + 0.0:+.{decimals}f}"
+    else:
+        text = f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
     if std is not None and not math.isnan(std):
-        text += f" ± {std:.2g}"
+        text += f" ± {std:.{decimals}f}" if decimals is not None else f" ± {std:.2g}"
     return text
 
 
