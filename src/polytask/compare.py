@@ -25,11 +25,15 @@ import csv
 import json
 import math
 import statistics
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
+from ._meta import package_version
 from .config import (
     Config,
     apply_overrides,
@@ -186,8 +190,10 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
             values=values,
             higher_is_better=hib,
             source=(
-                f"grid {spec.name!r}, cell {spec.baseline!r}, test split, mean over seeds {seeds} "
-                f"({grid_dir.resolve()})"
+                f"polytask compare, grid {spec.name!r} in {grid_dir}, cell {spec.baseline!r} "
+                f"(overrides {spec.cells[spec.baseline]} on base {spec.base or 'defaults'} "
+                f"{spec.config or ''}), test split, mean over seeds {seeds}; "
+                f"polytask {package_version()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
             ),
         )
         baseline.save(grid_dir / "baseline.json")

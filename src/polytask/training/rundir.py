@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import yaml
 
+from .._meta import package_version
 from ..errors import ConfigError
 
 __all__ = ["RunDirectory", "new_run_path"]
@@ -105,9 +106,9 @@ class RunDirectory:
         meta = {
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "command": sys.argv,
-            "python": platform.python_version(),
+            "python": platform.pythonpackage_version(),
             "torch": torch.__version__,
-            "polytask": _version(),
+            "polytask": package_version(),
         }
         (path / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
         return run
@@ -187,12 +188,3 @@ class RunDirectory:
         for handler in list(log.handlers):
             handler.close()
             log.removeHandler(handler)
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("polytask")
-    except Exception:
-        return "unknown"
