@@ -106,7 +106,7 @@ class RunDirectory:
         meta = {
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "command": sys.argv,
-            "python": platform.pythonpackage_version(),
+            "python": platform.python_version(),
             "torch": torch.__version__,
             "polytask": package_version(),
         }
