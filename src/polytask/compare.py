@@ -111,22 +111,27 @@ def run_grid(
     """Run every unfinished (cell, seed) of a grid, then summarise it."""
     spec, configs = load_grid(path, overrides)
     grid_dir = Path(spec.output_dir) / spec.name
-    grid_dir.mkdir(parents=True, exist_ok=True)
-    (grid_dir / "grid.yaml").write_text(Path(path).read_text(encoding="utf-8"), encoding="utf-8")
-    # Validate every cell before training any, so that a typo fails in seconds.
+    # Validate every cell, and every run already on disk, before writing or training
+    # anything: a typo fails in seconds and leaves the grid directory as it was.
     for cell, config in configs.items():
         build_components(_cell_config(config, spec, cell, spec.seeds[0]))
+        for seed in spec.seeds:
+            run_path = grid_dir / cell / f"seed-{seed}"
+            if (run_path / "config.yaml").exists():
+                expected = to_dict(_cell_config(config, spec, cell, seed))
+                if RunDirectory.open(run_path).read_config() != expected:
+                    raise ConfigError(
+                        f"{run_path} was trained with another configuration than cell {cell!r} "
+                        f"now has; give the grid a new name or remove {run_path}."
+                    )
+    grid_dir.mkdir(parents=True, exist_ok=True)
+    (grid_dir / "grid.yaml").write_text(Path(path).read_text(encoding="utf-8"), encoding="utf-8")
     for cell, config in configs.items():
         for seed in spec.seeds:
             cfg = _cell_config(config, spec, cell, seed)
             run_path = grid_dir / cell / f"seed-{seed}"
             if (run_path / "config.yaml").exists():
                 run = RunDirectory.open(run_path)
-                if run.read_config() != to_dict(cfg):
-                    raise ConfigError(
-                        f"{run_path} was trained with another configuration than cell {cell!r} "
-                        f"now has; give the grid a new name or remove {run_path}."
-                    )
                 if run.read_results() is not None:
                     if console:
                         print(f"[{cell} seed {seed}] finished earlier: {run_path}")

@@ -30,6 +30,7 @@ __all__ = [
     "build_model",
     "build_optimizer",
     "build_scheduler",
+    "check_selection",
     "resolve_baseline",
     "resolve_device",
 ]
@@ -195,13 +196,37 @@ def resolve_baseline(spec: str | None, tasks: Mapping[str, Task]) -> Baseline | 
     return baseline
 
 
+def check_selection(config: Config, tasks: Mapping[str, Task]) -> None:
+    """Validate ``train.selection`` against the configuration and the tasks."""
+    sel = config.train.selection
+    if sel.protocol == "mean_last" and sel.last_n > config.train.epochs:
+        raise ConfigError(
+            f"train.selection.last_n ({sel.last_n}) exceeds train.epochs ({config.train.epochs})."
+        )
+    if sel.metric == "delta_m" and config.eval.baseline is None:
+        raise ConfigError("train.selection.metric=delta_m needs eval.baseline.")
+    if sel.metric in ("loss", "delta_m"):
+        return
+    task, _, value = sel.metric.partition(".")
+    if task not in tasks:
+        raise ConfigError(
+            f"train.selection.metric {sel.metric!r}: unknown task {task!r}; expected loss, "
+            f"delta_m or TASK.VALUE with a task among {', '.join(tasks)}."
+        )
+    values = tasks[task].higher_is_better()
+    if value not in values:
+        raise ConfigError(
+            f"train.selection.metric {sel.metric!r}: task {task!r} has the values "
+            f"{', '.join(values)}."
+        )
+
+
 def build_components(config: Config) -> Components:
     """Build data, model, balancer, optimizer and scheduler from a configuration."""
     device = resolve_device(config.train.device)
     check_precision(config.train.precision, device)
     bundle, tasks = build_data(config)
-    if config.train.selection.metric == "delta_m" and config.eval.baseline is None:
-        raise ConfigError("train.selection.metric=delta_m needs eval.baseline.")
+    check_selection(config, tasks)
     baseline = resolve_baseline(config.eval.baseline, tasks)
     torch.manual_seed(config.seed)  # the initial weights depend only on the seed
     model = build_model(config, tasks, bundle.input_shape).to(device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,15 +53,27 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except pickle.UnpicklingError as exc:
+        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", _plain(str(exc)))
+        what = f" `{refused.group(1)}`" if refused else " an object that is not plain data"
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: refused, it asks to unpickle{what}, which "
+            "could run code. polytask reads checkpoints with weights-only unpickling; use a checkpoint "
+            "written by polytask."
+        ) from None
+    except Exception as exc:  # torch raises many types for damaged files
         raise CheckpointError(
             f"cannot read checkpoint {path}: it is corrupted, truncated or not a polytask "
-            f"checkpoint ({first[:200]})."
+            f"checkpoint ({type(exc).__name__})."
         ) from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a polytask checkpoint (format {FORMAT!r} expected).")
     return data
+
+
+def _plain(text: str) -> str:
+    """``text`` without ANSI escape sequences."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 def model_signature(model: nn.Module) -> dict[str, list[int]]:

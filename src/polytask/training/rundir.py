@@ -124,7 +124,10 @@ class RunDirectory:
         return cls(path)
 
     def read_config(self) -> dict[str, Any]:
-        data = yaml.safe_load(self.config_path.read_text(encoding="utf-8"))
+        try:
+            data = yaml.safe_load(self.config_path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{self.config_path} is damaged: not valid YAML ({exc}).") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{self.config_path} does not hold a configuration mapping.")
         return data
@@ -164,7 +167,15 @@ class RunDirectory:
     def read_results(self) -> dict[str, Any] | None:
         if not self.results_path.exists():
             return None
-        data: dict[str, Any] = json.loads(self.results_path.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(self.results_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                f"{self.results_path} is damaged, not valid JSON ({exc}); remove it and run "
+                "`polytask resume` to evaluate the run again."
+            ) from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{self.results_path} is damaged: expected a JSON object.")
         return data
 
     def logger(self, console: bool = True) -> logging.Logger:

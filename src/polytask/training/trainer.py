@@ -26,7 +26,7 @@ from ..data.loading import epoch_schedule, iterate_batches, to_device
 from ..errors import CheckpointError, ConfigError, TrainingDiverged
 from ..evaluation import EvalResult, autocast, evaluate, forward_step, split_datasets
 from ..metrics.delta_m import delta_m, delta_m_higher_is_better
-from .build import Components
+from .build import Components, check_selection
 from .checkpoint import FORMAT, check_model_signature, load_checkpoint, model_signature, save_atomic
 from .rundir import RunDirectory
 from .seeding import capture_rng_state, restore_rng_state, seed_everything, set_deterministic
@@ -85,33 +85,11 @@ class Trainer:
             if self.cfg.train.precision == "fp16"
             else None
         )
-        self._validate_selection()
+        check_selection(self.cfg, components.tasks)
         self._tb: Any = None
         self._reset_accumulators()
 
     # -- set-up --------------------------------------------------------------------------
-    def _validate_selection(self) -> None:
-        sel = self.cfg.train.selection
-        if sel.protocol == "mean_last" and sel.last_n > self.cfg.train.epochs:
-            raise ConfigError(
-                f"train.selection.last_n ({sel.last_n}) exceeds train.epochs "
-                f"({self.cfg.train.epochs})."
-            )
-        if sel.metric in ("loss", "delta_m"):
-            return
-        task, _, value = sel.metric.partition(".")
-        if task not in self.c.tasks:
-            raise ConfigError(
-                f"train.selection.metric {sel.metric!r}: unknown task {task!r}; expected loss, "
-                f"delta_m or TASK.VALUE with a task among {', '.join(self.c.tasks)}."
-            )
-        values = self.c.tasks[task].higher_is_better()
-        if value not in values:
-            raise ConfigError(
-                f"train.selection.metric {sel.metric!r}: task {task!r} has the values "
-                f"{', '.join(values)}."
-            )
-
     def _reset_accumulators(self) -> None:
         dev = self.c.device
         names = list(self.c.tasks)
@@ -182,21 +160,21 @@ class Trainer:
         cfg = self.cfg
         set_deterministic(cfg.train.deterministic)
         seed_everything(cfg.seed)
-        if resume:
-            self.load_checkpoint()
-            self.run.truncate_metrics(self.state.epoch)
-            self.log.info(
-                f"resuming {self.run.path} at epoch {self.state.epoch + 1}, "
-                f"step {self.state.step_in_epoch}"
-            )
-        else:
-            groups = self.c.model.describe()
-            self.log.info(
-                f"run {self.run.path}: {cfg.model.architecture} / {cfg.balancer.name} on "
-                f"{cfg.data.name} tasks {list(self.c.tasks)}; parameters {groups}; "
-                f"device {self.c.device}, precision {cfg.train.precision}"
-            )
         try:
+            if resume:
+                self.load_checkpoint()
+                self.run.truncate_metrics(self.state.epoch)
+                self.log.info(
+                    f"resuming {self.run.path} at epoch {self.state.epoch + 1}, "
+                    f"step {self.state.step_in_epoch}"
+                )
+            else:
+                groups = self.c.model.describe()
+                self.log.info(
+                    f"run {self.run.path}: {cfg.model.architecture} / {cfg.balancer.name} on "
+                    f"{cfg.data.name} tasks {list(self.c.tasks)}; parameters {groups}; "
+                    f"device {self.c.device}, precision {cfg.train.precision}"
+                )
             while self.state.epoch < cfg.train.epochs:
                 self._train_epoch()
             results = self.finish()
