@@ -74,6 +74,10 @@ class BalancerConfig:
 
     name: str = "equal"
     options: dict[str, Any] = field(default_factory=dict)
+    #: gradient methods: names (shell-style patterns) of the parameters whose per-task
+    #: gradients the method combines, replacing the architecture's shared parameters
+    #: (e.g. ``["encoder.*"]``); None: the architecture's declaration
+    shared: list[str] | None = None
     #: learning rate of the method's own learnable parameters (None: the method's default,
     #: else the model's)
     lr: float | None = field(default=None, metadata=_range(gt=0))

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..models.base import RepresentationCapture
 from ..registry import Registry
 
 __all__ = ["BALANCERS", "BackwardContext", "Balancer", "LossWeighting"]
@@ -37,15 +38,21 @@ class BackwardContext:
     Attributes:
         shared_parameters: the parameters the architecture declares shared (or the user's
             override); gradient methods combine per-task gradients of exactly these.
+        other_parameters: every other trainable parameter of the model; gradient methods
+            give them the ordinary gradient of the sum of the task losses.
         grad_scaler: the fp16 loss scaler when mixed precision with loss scaling is on.
         epoch: the current epoch (0-based).
         step: the global optimizer step (0-based).
+        representation: the shared-representation points of this step's forward pass,
+            recorded when the balancer's ``needs_representation`` is true.
     """
 
     shared_parameters: Sequence[nn.Parameter]
+    other_parameters: Sequence[nn.Parameter] = ()
     grad_scaler: torch.amp.GradScaler | None = None
     epoch: int = 0
     step: int = 0
+    representation: RepresentationCapture | None = None
 
     def scale(self, loss: Tensor) -> Tensor:
         """``loss`` multiplied by the loss scale (unchanged without a scaler)."""
@@ -76,6 +83,13 @@ class Balancer(nn.Module, ABC):
         :attr:`task_names` when labels are missing). The returned weights are detached
         0-d tensors (no device synchronisation); they are logged as diagnostics.
         """
+
+    #: whether the trainer must record the shared representation (feature-level methods)
+    needs_representation: bool = False
+
+    def diagnostics(self) -> Mapping[str, Tensor]:
+        """Per-step diagnostics of the last backward (e.g. ``"gramian"``: K x K, detached)."""
+        return {}
 
     def on_epoch_start(self, epoch: int) -> None:
         """Called before the first step of every epoch."""

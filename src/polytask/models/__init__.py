@@ -7,6 +7,8 @@ from .base import (
     BackboneFactory,
     HeadFactory,
     MultiTaskModel,
+    RepresentationCapture,
+    capture_representation,
     check_parameter_partition,
 )
 from .heads import linear_head, mlp_head
@@ -17,6 +19,8 @@ __all__ = [
     "BackboneFactory",
     "HeadFactory",
     "MultiTaskModel",
+    "RepresentationCapture",
+    "capture_representation",
     "backbones",
     "check_parameter_partition",
     "linear_head",

@@ -8,14 +8,22 @@ what it shares:
 - :meth:`~MultiTaskModel.task_parameters`: parameters only that task's loss depends on.
 
 Every parameter is in exactly one of those groups; :func:`check_parameter_partition` tests it.
+
+Architectures also mark their **shared representation**: every tensor computed by shared
+modules that a task-specific module reads passes through
+:meth:`~MultiTaskModel.shared_representation`. Feature-level balancing methods take the
+per-task gradients with respect to exactly these tensors (see :func:`capture_representation`).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..registry import Registry
@@ -27,6 +35,8 @@ __all__ = [
     "BackboneFactory",
     "HeadFactory",
     "MultiTaskModel",
+    "RepresentationCapture",
+    "capture_representation",
     "check_parameter_partition",
     "out_features",
 ]
@@ -38,14 +48,42 @@ HeadFactory = Callable[[Task, int], nn.Module]
 """Builds the prediction head of a task from the backbone's ``out_features``."""
 
 
+@dataclass
+class RepresentationCapture:
+    """The shared-representation points of one forward pass.
+
+    ``points`` holds ``(name, original, leaf)``: the task-specific modules read ``leaf``, a
+    detached copy of ``original`` that requires gradient, while the shared modules go on
+    with ``original``. Per-task gradients with respect to the leaves are the feature-level
+    Jacobian; one backward of ``original`` with the combined gradient then trains the trunk.
+    """
+
+    points: list[tuple[str, Tensor, Tensor]] = field(default_factory=list)
+
+
 class MultiTaskModel(nn.Module, ABC):
     """Base class of architectures: named tasks in, named predictions out."""
+
+    _capture: RepresentationCapture | None
 
     def __init__(self, tasks: Sequence[str]) -> None:
         super().__init__()
         if not tasks:
             raise ValueError("a multi-task model needs at least one task")
         self.task_names: tuple[str, ...] = tuple(tasks)
+        object.__setattr__(self, "_capture", None)
+
+    def shared_representation(self, z: Tensor, name: str = "z") -> Tensor:
+        """Mark ``z`` as shared features that task-specific modules read; return what they read.
+
+        Outside :func:`capture_representation` this returns ``z`` itself, at no cost.
+        """
+        capture = self._capture
+        if capture is None or not torch.is_grad_enabled():
+            return z
+        leaf = z.detach().requires_grad_(True)
+        capture.points.append((name, z, leaf))
+        return leaf
 
     @abstractmethod
     def forward(self, x: Tensor, task: str | None = None) -> dict[str, Tensor]:
@@ -87,6 +125,22 @@ def check_parameter_partition(model: MultiTaskModel) -> None:
     missing = [name for name, p in model.named_parameters() if id(p) not in seen]
     if missing:
         raise AssertionError(f"parameters in no group: {missing}")
+
+
+@contextmanager
+def capture_representation(
+    model: MultiTaskModel, enabled: bool = True
+) -> Iterator[RepresentationCapture | None]:
+    """Record the shared-representation points of the forward passes run inside the block."""
+    if not enabled:
+        yield None
+        return
+    capture = RepresentationCapture()
+    object.__setattr__(model, "_capture", capture)
+    try:
+        yield capture
+    finally:
+        object.__setattr__(model, "_capture", None)
 
 
 def out_features(backbone: nn.Module) -> int:

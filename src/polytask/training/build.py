@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ __all__ = [
     "check_selection",
     "resolve_baseline",
     "resolve_device",
+    "resolve_shared",
 ]
 
 
@@ -196,6 +198,29 @@ def resolve_baseline(spec: str | None, tasks: Mapping[str, Task]) -> Baseline | 
     return baseline
 
 
+def resolve_shared(
+    model: MultiTaskModel, patterns: list[str] | None
+) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """The parameters a gradient method manipulates, and every other trainable parameter."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if patterns is None:
+        ids = {id(p) for p in model.shared_parameters()}
+    else:
+        ids = set()
+        for pattern in patterns:
+            matched = [p for n, p in trainable if fnmatch.fnmatchcase(n, pattern)]
+            if not matched:
+                names = ", ".join(n for n, _ in trainable[:6])
+                raise ConfigError(
+                    f"balancer.shared: pattern {pattern!r} matches no parameter; parameter "
+                    f"names look like {names}, ..."
+                )
+            ids.update(id(p) for p in matched)
+    shared = [p for _, p in trainable if id(p) in ids]
+    others = [p for _, p in trainable if id(p) not in ids]
+    return shared, others
+
+
 def check_selection(config: Config, tasks: Mapping[str, Task]) -> None:
     """Validate ``train.selection`` against the configuration and the tasks."""
     sel = config.train.selection
@@ -231,6 +256,12 @@ def build_components(config: Config) -> Components:
     torch.manual_seed(config.seed)  # the initial weights depend only on the seed
     model = build_model(config, tasks, bundle.input_shape).to(device)
     balancer = build_balancer(config, tasks).to(device)
+    if balancer.needs_representation and bundle.multi_input:
+        raise ConfigError(
+            "feature-level balancing needs single-input data (every batch labelled for every "
+            "task); with multi-input data use balancer.options.level=parameter."
+        )
+    resolve_shared(model, config.balancer.shared)  # fails early on a bad pattern
     optimizer = build_optimizer(config.optim, model, balancer, config.balancer.lr)
     scheduler = build_scheduler(
         config.optim.scheduler, optimizer, config.train.epochs, config.optim.lr

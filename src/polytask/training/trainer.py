@@ -26,7 +26,8 @@ from ..data.loading import epoch_schedule, iterate_batches, to_device
 from ..errors import CheckpointError, ConfigError, TrainingDiverged
 from ..evaluation import EvalResult, autocast, evaluate, forward_step, split_datasets
 from ..metrics.delta_m import delta_m, delta_m_higher_is_better
-from .build import Components, check_selection
+from ..models.base import capture_representation
+from .build import Components, check_selection, resolve_shared
 from .checkpoint import FORMAT, check_model_signature, load_checkpoint, model_signature, save_atomic
 from .rundir import RunDirectory
 from .seeding import capture_rng_state, restore_rng_state, seed_everything, set_deterministic
@@ -87,17 +88,23 @@ class Trainer:
         )
         check_selection(self.cfg, components.tasks)
         self._tb: Any = None
+        self._shared, self._others = resolve_shared(components.model, self.cfg.balancer.shared)
         self._reset_accumulators()
 
     # -- set-up --------------------------------------------------------------------------
     def _reset_accumulators(self) -> None:
         dev = self.c.device
         names = list(self.c.tasks)
+        k = len(names)
         self._acc: dict[str, Tensor] = {
-            "loss_sum": torch.zeros(len(names), dtype=torch.float64, device=dev),
-            "loss_count": torch.zeros(len(names), dtype=torch.float64, device=dev),
-            "weight_sum": torch.zeros(len(names), dtype=torch.float64, device=dev),
-            "weight_count": torch.zeros(len(names), dtype=torch.float64, device=dev),
+            "loss_sum": torch.zeros(k, dtype=torch.float64, device=dev),
+            "loss_count": torch.zeros(k, dtype=torch.float64, device=dev),
+            "weight_sum": torch.zeros(k, dtype=torch.float64, device=dev),
+            "weight_count": torch.zeros(k, dtype=torch.float64, device=dev),
+            # gradient diagnostics of gradient-level methods (steps where every task is present)
+            "grad_norm_sum": torch.zeros(k, dtype=torch.float64, device=dev),
+            "cosine_sum": torch.zeros(k, k, dtype=torch.float64, device=dev),
+            "diag_count": torch.zeros((), dtype=torch.float64, device=dev),
         }
 
     # -- checkpoints ---------------------------------------------------------------------
@@ -237,7 +244,10 @@ class Trainer:
         names = list(c.tasks)
         batches = to_device(batches, c.device)
         c.optimizer.zero_grad(set_to_none=True)
-        with autocast(c.device, self.cfg.train.precision):
+        with (
+            capture_representation(c.model, c.balancer.needs_representation) as representation,
+            autocast(c.device, self.cfg.train.precision),
+        ):
             outputs = list(forward_step(c.model, c.tasks, batches))
         losses: dict[str, Tensor] = {}
         counts: dict[str, Tensor] = {}
@@ -266,12 +276,22 @@ class Trainer:
         weights: dict[str, Tensor] = {}
         if present:
             ctx = BackwardContext(
-                shared_parameters=list(c.model.shared_parameters()),
+                shared_parameters=self._shared,
+                other_parameters=self._others,
                 grad_scaler=self.scaler,
                 epoch=s.epoch,
                 step=s.global_step,
+                representation=representation,
             )
             weights = c.balancer.backward(present, ctx)
+            gram = c.balancer.diagnostics().get("gramian")
+            if gram is not None and len(present) == len(names):
+                norms = gram.diagonal().clamp_min(0).sqrt().double()
+                self._acc["grad_norm_sum"] += norms
+                self._acc["cosine_sum"] += gram.double() / (
+                    norms[:, None] * norms[None, :]
+                ).clamp_min(1e-30)
+                self._acc["diag_count"] += 1
             self._optimizer_step()
             c.balancer.after_optimizer_step()
         for t, loss in present.items():
@@ -342,6 +362,7 @@ class Trainer:
             for i, t in enumerate(names)
         }
         c.balancer.on_epoch_end(epoch, train_losses)
+        n_diag = float(acc["diag_count"])
         lr = float(c.optimizer.param_groups[0]["lr"])
         c.scheduler.step()
         val = self._evaluate("val")
@@ -350,6 +371,17 @@ class Trainer:
             "epoch": epoch,
             "lr": lr,
             "train": {"loss": train_losses, "weight": mean_weights},
+            "balancing": None
+            if not n_diag
+            else {
+                "grad_norm": {
+                    t: float(acc["grad_norm_sum"][i]) / n_diag for i, t in enumerate(names)
+                },
+                "cosine": {
+                    t: {u: float(acc["cosine_sum"][i, j]) / n_diag for j, u in enumerate(names)}
+                    for i, t in enumerate(names)
+                },
+            },
             "val": val.to_dict(),
             "score": score,
             "time_s": s.train_time_s,

@@ -37,7 +37,7 @@ class HardSharing(MultiTaskModel):
         return out
 
     def forward(self, x: Tensor, task: str | None = None) -> dict[str, Tensor]:
-        z = self.encode(x)
+        z = self.shared_representation(self.encode(x))
         names = self.task_names if task is None else (task,)
         return {name: self.decode(z, name) for name in names}
 

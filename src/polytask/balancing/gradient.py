@@ -1,0 +1,197 @@
+"""The gradient engine: per-task gradients of the shared part, combined by a method.
+
+Two levels, chosen per method by its ``level`` option:
+
+**parameter** (default): for every task ``k`` the gradient ``g_k`` of its loss with respect
+to the *manipulated* parameters ``S`` (the architecture's shared parameters, or the user's
+override ``balancer.shared``). The rows ``g_k`` form the Jacobian ``J`` (K x |S|); the method
+turns ``J`` into one gradient for ``S``. Every other trainable parameter gets its ordinary
+gradient, that of ``sum_k L_k`` (for a task's own head: its own loss's gradient). Cost: one
+backward pass per task through the shared part (the floor for exact per-task gradients).
+
+**feature**: the rows are the gradients with respect to the *shared representation*, the
+tensors that task-specific modules read (the architecture marks them; see
+:meth:`~polytask.models.MultiTaskModel.shared_representation`). The method combines those
+rows into one gradient per representation point, and a single backward pass carries it into
+the shared trunk. Only the task-specific parts are traversed K times, so the cost stays
+close to that of one backward pass whatever K is.
+
+The two levels coincide when the combined gradient is a fixed linear combination of the
+rows (such as equal weighting): then ``sum_k w_k dL_k/dtheta`` is the same whether the
+weights are applied before or after the trunk's backward pass. Methods whose weights depend
+on the rows (MGDA, PCGrad, ...) generally give different updates at the two levels, since
+the Gramian of feature gradients is not that of parameter gradients.
+
+Mixed precision: the rows are computed from scaled losses and unscaled before the method
+sees them; if any row holds an inf or NaN the combined gradient is made non-finite too, so
+that the loss scaler skips the step for every task and lowers its scale.
+
+Multi-process training plugs in at one point: :meth:`GradientBalancer.synchronize`, called
+once per step with the complete Jacobian, before the method combines it.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError, TrainingDiverged
+from .base import BackwardContext, Balancer
+
+__all__ = ["GradientBalancer", "GramianWeighting", "Level"]
+
+Level = Literal["parameter", "feature"]
+
+
+def _flatten(grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> Tensor:
+    parts = [
+        (g if g is not None else torch.zeros_like(t)).reshape(-1).float()
+        for g, t in zip(grads, like, strict=True)
+    ]
+    if not parts:
+        return torch.zeros(0)
+    return torch.cat(parts)
+
+
+def _unflatten(vector: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    out, offset = [], 0
+    for t in like:
+        n = t.numel()
+        out.append(vector[offset : offset + n].view_as(t).to(t.dtype))
+        offset += n
+    return out
+
+
+def _accumulate(param: Tensor, grad: Tensor) -> None:
+    param.grad = grad if param.grad is None else param.grad + grad
+
+
+class GradientBalancer(Balancer):
+    """Base class of methods that combine per-task gradients.
+
+    Subclasses implement :meth:`aggregate` (``J`` -> one gradient), or derive from
+    :class:`GramianWeighting` when the result is ``w @ J`` with ``w`` a function of the
+    Gramian ``J J^T``.
+
+    Args:
+        tasks: task names.
+        level: ``"parameter"`` or ``"feature"`` (see the module documentation).
+    """
+
+    def __init__(self, tasks: Sequence[str], level: Level = "parameter") -> None:
+        super().__init__(tasks)
+        if level not in ("parameter", "feature"):
+            raise ConfigError(
+                f"balancer.options.level: expected parameter or feature, found {level!r}."
+            )
+        self.level: Level = level
+        self.needs_representation = level == "feature"
+        self._diagnostics: dict[str, Tensor] = {}
+
+    @abstractmethod
+    def aggregate(self, jacobian: Tensor, tasks: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Combine the rows of ``jacobian`` (one per task of ``tasks``, float32, unscaled).
+
+        Returns the combined gradient (a vector) and the effective weight of each task
+        (a K-vector, for diagnostics; the coefficient of the task's row where the result is
+        a combination of rows).
+        """
+
+    def synchronize(self, jacobian: Tensor) -> Tensor:
+        """The single point where per-task gradients are complete (multi-process hook)."""
+        return jacobian
+
+    def diagnostics(self) -> Mapping[str, Tensor]:
+        return self._diagnostics
+
+    def backward(self, losses: Mapping[str, Tensor], ctx: BackwardContext) -> dict[str, Tensor]:
+        names = list(losses)
+        if self.level == "feature":
+            if ctx.representation is None or not ctx.representation.points:
+                raise ConfigError(
+                    f"balancer.options.level=feature: the architecture marks no shared "
+                    f"representation; use level=parameter with {type(self).__name__}."
+                )
+            originals = [orig for _, orig, _ in ctx.representation.points]
+            targets = [leaf for _, _, leaf in ctx.representation.points]
+            others = list(ctx.other_parameters) + list(ctx.shared_parameters)
+        else:
+            originals = []
+            targets = list(ctx.shared_parameters)
+            others = list(ctx.other_parameters)
+        scale = ctx.grad_scaler.get_scale() if ctx.grad_scaler is not None else 1.0
+        rows = []
+        other_grads: list[Tensor | None] = [None] * len(others)
+        keep_graph = self.level == "parameter"
+        for k, name in enumerate(names):
+            inputs = targets + others
+            grads = torch.autograd.grad(
+                ctx.scale(losses[name]),
+                inputs,
+                retain_graph=keep_graph and k < len(names) - 1,
+                allow_unused=True,
+                materialize_grads=False,
+            )
+            rows.append(_flatten(grads[: len(targets)], targets))
+            for i, g in enumerate(grads[len(targets) :]):
+                if g is not None:
+                    previous = other_grads[i]
+                    other_grads[i] = g if previous is None else previous + g
+        jacobian = torch.stack(rows)
+        if scale != 1.0:
+            jacobian = jacobian / scale
+        jacobian = self.synchronize(jacobian)
+        if bool(torch.isfinite(jacobian).all()):
+            combined, weights = self.aggregate(jacobian, names)
+            gram = jacobian @ jacobian.T
+            self._diagnostics = {"gramian": gram.detach()}
+        else:
+            if ctx.grad_scaler is None:
+                bad = [
+                    n
+                    for n, r in zip(names, jacobian, strict=True)
+                    if not bool(torch.isfinite(r).all())
+                ]
+                raise TrainingDiverged(
+                    f"the gradient of task(s) {', '.join(map(repr, bad))} is not finite at "
+                    f"step {ctx.step + 1}; try a lower optim.lr or optim.grad_clip."
+                )
+            # the scaler sees the non-finite values and skips the step for every task
+            combined = jacobian.sum(dim=0)
+            weights = torch.ones(len(names), device=jacobian.device)
+            self._diagnostics = {}
+        combined = combined * scale
+        for param, own in zip(others, other_grads, strict=True):
+            if own is not None:
+                _accumulate(param, own)
+        pieces = _unflatten(combined, targets)
+        if self.level == "feature":
+            torch.autograd.backward(originals, grad_tensors=pieces)
+        else:
+            for target, piece in zip(targets, pieces, strict=True):
+                _accumulate(target, piece)
+        return {t: weights[i].detach() for i, t in enumerate(names)}
+
+
+class GramianWeighting(GradientBalancer):
+    """A method whose combined gradient is ``w @ J`` with ``w = weights(J J^T)``.
+
+    Only the K x K Gramian reaches the method; the combination itself is one
+    matrix-vector product.
+    """
+
+    @abstractmethod
+    def weights_from_gramian(self, gramian: Tensor) -> Tensor:
+        """The K weights for the Gramian ``G = J J^T`` (float64 on the Jacobian's device)."""
+
+    def aggregate(self, jacobian: Tensor, tasks: Sequence[str]) -> tuple[Tensor, Tensor]:
+        gramian = jacobian.double() @ jacobian.double().T
+        weights = self.weights_from_gramian(gramian).to(jacobian.dtype)
+        return weights @ jacobian, weights
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {}
