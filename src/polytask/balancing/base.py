@@ -97,8 +97,16 @@ class Balancer(nn.Module, ABC):
     def on_epoch_end(self, epoch: int, train_losses: Mapping[str, float]) -> None:
         """Called after every epoch with the unweighted mean training loss of each task."""
 
-    def after_optimizer_step(self) -> None:
-        """Called after every optimizer step."""
+    #: whether :meth:`after_optimizer_step` needs the losses of the same batch recomputed
+    #: with the updated parameters (FAMO); costs one extra forward pass per step
+    needs_post_step_losses: bool = False
+
+    def after_optimizer_step(self, losses: Mapping[str, Tensor] | None = None) -> None:
+        """Called after every optimizer step.
+
+        ``losses`` are the step's tasks' losses on the same batch after the update (detached),
+        given only when :attr:`needs_post_step_losses` is true.
+        """
 
     def get_extra_state(self) -> dict[str, Any]:
         """Non-tensor state (histories, counters) saved with checkpoints; override to add."""

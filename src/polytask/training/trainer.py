@@ -284,6 +284,7 @@ class Trainer:
                 representation=representation,
             )
             weights = c.balancer.backward(present, ctx)
+            del representation, outputs
             gram = c.balancer.diagnostics().get("gramian")
             if gram is not None and len(present) == len(names):
                 norms = gram.diagonal().clamp_min(0).sqrt().double()
@@ -293,7 +294,10 @@ class Trainer:
                 ).clamp_min(1e-30)
                 self._acc["diag_count"] += 1
             self._optimizer_step()
-            c.balancer.after_optimizer_step()
+            post: dict[str, Tensor] | None = None
+            if c.balancer.needs_post_step_losses:
+                post = self._losses_after_step(batches, present)
+            c.balancer.after_optimizer_step(post)
         for t, loss in present.items():
             i = names.index(t)
             self._acc["loss_sum"][i] += loss.detach().double() * counts[t]
@@ -305,6 +309,20 @@ class Trainer:
             info = StepEnd(s.epoch, s.step_in_epoch, s.global_step, dict(present), weights)
             for callback in self.step_callbacks:
                 callback(info)
+
+    @torch.no_grad()
+    def _losses_after_step(
+        self, batches: Mapping[str, Any], present: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """The losses of the same batch with the updated parameters (for FAMO-like methods)."""
+        c = self.c
+        with autocast(c.device, self.cfg.train.precision):
+            outputs = list(forward_step(c.model, c.tasks, batches))
+        return {
+            name: c.tasks[name].compute_loss(pred.float(), target, mask)
+            for name, pred, target, mask in outputs
+            if name in present
+        }
 
     def _optimizer_step(self) -> None:
         opt = self.c.optimizer
