@@ -159,15 +159,28 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``polytask`` console script; returns the exit code."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides may also come after options: `train CONFIG --quiet train.epochs=2`
+    if extra and hasattr(args, "overrides") and not any(e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return COMMANDS[args.command](args)
     except PolytaskError as exc:
         print(f"polytask: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
+        hints = {
+            "compare": f"run `polytask compare {getattr(args, 'grid', 'GRID')}` again to go on",
+            "train": "`polytask resume RUN_DIR` (the directory logged at the start) goes on "
+            "from the last checkpoint",
+            "resume": f"`polytask resume {getattr(args, 'run_dir', 'RUN_DIR')}` goes on from "
+            "the last checkpoint",
+        }
         print(
-            "polytask: interrupted; `polytask resume RUN_DIR` continues from the last checkpoint.",
+            f"polytask: interrupted; {hints.get(args.command, 'nothing was lost')}.",
             file=sys.stderr,
         )
         return 130

@@ -86,7 +86,10 @@ def load_grid(
     if spec.base is not None:
         base = read_yaml(path.parent / spec.base)
     base = apply_overrides(base, spec.config)
-    base = apply_overrides(base, parse_overrides(overrides))
+    parsed = parse_overrides(overrides)
+    if "output_dir" in parsed:  # where the grid goes, not a per-run setting
+        spec.output_dir = str(parsed.pop("output_dir"))
+    base = apply_overrides(base, parsed)
     configs: dict[str, Config] = {}
     for cell, cell_overrides in spec.cells.items():
         if not all(c.isalnum() or c in "_-." for c in cell):

@@ -85,7 +85,11 @@ class BalancerConfig:
 
 @dataclass
 class SchedulerConfig:
-    """Learning-rate schedule, stepped once per epoch."""
+    """Learning-rate schedule, stepped once per epoch.
+
+    ``warmup_epochs`` ramp the rate up linearly; the schedule's epochs (``step_size``,
+    ``milestones``, the cosine period) count from the end of the warm-up.
+    """
 
     name: Literal["none", "step", "multistep", "cosine"] = "none"
     step_size: int = field(default=100, metadata=_range(ge=1))
@@ -156,6 +160,9 @@ class Config:
 
     name: str = "run"
     seed: int = 0
+    #: Python modules to import before building (they register your own architectures,
+    #: backbones, balancing methods or data sets), e.g. ``[my_project.mtl]``
+    plugins: list[str] = field(default_factory=list)
     #: the tasks to learn (None: every task of the data set)
     tasks: list[str] | None = None
     output_dir: str = "runs"

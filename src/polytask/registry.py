@@ -38,8 +38,16 @@ class Registry(Generic[T]):
         """
 
         def decorator(obj: F) -> F:
-            if name in self._items and self._items[name] is not obj:
-                raise ValueError(f"{self.kind} {name!r} is already registered")
+            previous = self._items.get(name)
+            if (
+                previous is not None
+                and previous is not obj
+                and _qualified(previous) != _qualified(obj)
+            ):
+                raise ValueError(
+                    f"{self.kind} {name!r} is already registered by {_qualified(previous)}"
+                )
+            # the same definition again (a re-run notebook cell, a reloaded module) replaces it
             self._items[name] = obj  # type: ignore[assignment]
             return obj
 
@@ -64,6 +72,10 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._items))
+
+
+def _qualified(obj: object) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
 
 
 def call_with_options(

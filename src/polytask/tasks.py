@@ -23,7 +23,8 @@ class Task:
     """One task of a multi-task problem.
 
     Args:
-        name: unique identifier used as the key everywhere (letters, digits, ``_`` and ``-``).
+        name: unique identifier used as the key everywhere (letters, digits, ``_`` and ``-``;
+            no ``.``, which separates task and value in names such as ``left.accuracy``).
         loss: ``loss(pred, target, mask) -> scalar``; see :mod:`polytask.losses`.
         metrics: metric factories by name; each evaluation builds fresh metric objects.
         output_dim: the number of outputs a prediction head needs (classes, regression
@@ -44,9 +45,9 @@ class Task:
     extra: Mapping[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not self.name or not all(c.isalnum() or c in "_-." for c in self.name):
+        if not self.name or not all(c.isalnum() or c in "_-" for c in self.name):
             raise ConfigError(
-                f"Expected a task name of letters, digits, '_', '-' or '.', found {self.name!r}."
+                f"Expected a task name of letters, digits, '_' or '-', found {self.name!r}."
             )
         if not self.metrics:
             raise ConfigError(f"task {self.name!r} needs at least one metric.")

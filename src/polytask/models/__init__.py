@@ -10,6 +10,7 @@ from .base import (
     RepresentationCapture,
     capture_representation,
     check_parameter_partition,
+    out_features,
 )
 from .heads import linear_head, mlp_head
 
@@ -20,10 +21,11 @@ __all__ = [
     "HeadFactory",
     "MultiTaskModel",
     "RepresentationCapture",
-    "capture_representation",
     "backbones",
+    "capture_representation",
     "check_parameter_partition",
     "linear_head",
     "mlp_head",
+    "out_features",
     "sharing",
 ]

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import fnmatch
+import importlib
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from importlib import resources
@@ -17,7 +18,7 @@ from torch import nn
 from ..balancing.base import BALANCERS, Balancer
 from ..config import Config, OptimConfig, SchedulerConfig
 from ..data.base import DATASETS, DataBundle
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..metrics.delta_m import Baseline
 from ..models.base import ARCHITECTURES, BACKBONES, MultiTaskModel
 from ..models.heads import linear_head, mlp_head
@@ -38,9 +39,18 @@ __all__ = [
 ]
 
 
-def _load_plugins() -> None:
-    # Importing the packages registers the built-in components.
+def _load_plugins(modules: Sequence[str] = ()) -> None:
+    """Import the built-in components and the user's ``plugins`` modules (which register theirs)."""
     from .. import balancing, data, models  # noqa: F401
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ConfigError(
+                f"plugins: cannot import {name!r} ({exc}); the module must be importable "
+                "(installed, or on PYTHONPATH)."
+            ) from None
 
 
 @dataclass
@@ -91,6 +101,24 @@ def build_data(config: Config) -> tuple[DataBundle, dict[str, Task]]:
     if not isinstance(bundle, DataBundle):
         raise TypeError(f"data set builder {config.data.name!r} returned {type(bundle).__name__}")
     names = check_task_names(bundle.tasks, config.tasks)
+    for split in ("train", "val", "test"):
+        data = bundle.split(split)
+        if bundle.multi_input != isinstance(data, Mapping):
+            raise DataError(
+                f"data set {config.data.name!r}: its {split} split must be "
+                + (
+                    "a mapping {task: Dataset} (multi-input)"
+                    if bundle.multi_input
+                    else "one Dataset"
+                )
+                + f", found {type(data).__name__}."
+            )
+        if isinstance(data, Mapping):
+            missing = [n for n in names if n not in data]
+            if missing:
+                raise DataError(
+                    f"data set {config.data.name!r}: its {split} split has no data for task(s) {missing}."
+                )
     return bundle, {n: bundle.tasks[n] for n in names}
 
 
@@ -161,7 +189,7 @@ def lr_factor(cfg: SchedulerConfig, epochs: int, base_lr: float, epoch: int) -> 
     if cfg.name == "step":
         return float(cfg.gamma ** (e // cfg.step_size))
     if cfg.name == "multistep":
-        return float(cfg.gamma ** sum(1 for m in cfg.milestones if epoch >= m))
+        return float(cfg.gamma ** sum(1 for m in cfg.milestones if e >= m))
     if cfg.name == "cosine":
         span = max(1, epochs - cfg.warmup_epochs)
         floor = cfg.min_lr / base_lr
@@ -182,7 +210,7 @@ def resolve_baseline(spec: str | None, tasks: Mapping[str, Task]) -> Baseline | 
     if spec is None:
         return None
     path = Path(spec)
-    if not path.suffix:
+    if not path.suffix and not path.exists():
         shipped = resources.files("polytask.data") / "baselines" / f"{spec}.json"
         if not shipped.is_file():
             raise ConfigError(
@@ -248,6 +276,7 @@ def check_selection(config: Config, tasks: Mapping[str, Task]) -> None:
 
 def build_components(config: Config) -> Components:
     """Build data, model, balancer, optimizer and scheduler from a configuration."""
+    _load_plugins(config.plugins)
     device = resolve_device(config.train.device)
     check_precision(config.train.precision, device)
     bundle, tasks = build_data(config)

@@ -165,6 +165,7 @@ class Trainer:
     def fit(self, *, resume: bool = False) -> dict[str, Any]:
         """Train to the configured number of epochs, then evaluate; returns the results."""
         cfg = self.cfg
+        was_deterministic = torch.are_deterministic_algorithms_enabled()
         set_deterministic(cfg.train.deterministic)
         seed_everything(cfg.seed)
         try:
@@ -186,6 +187,7 @@ class Trainer:
                 self._train_epoch()
             results = self.finish()
         finally:
+            set_deterministic(was_deterministic)
             if self._tb is not None:
                 self._tb.close()
             self.run.close_logger()
@@ -266,8 +268,13 @@ class Trainer:
                 f"the loss of task(s) {', '.join(repr(b) for b in bad)} is "
                 f"{stacked[[list(losses).index(b) for b in bad]].tolist()} at epoch "
                 f"{s.epoch + 1}, step {s.step_in_epoch + 1} (global step {s.global_step + 1}). "
-                f"Training stopped; {self.run.path} keeps its last good checkpoint. Try a lower "
-                "optim.lr or optim.grad_clip."
+                "Training stopped; "
+                + (
+                    f"{self.run.path} keeps its last good checkpoint. "
+                    if self.run.last_checkpoint.exists()
+                    else "no checkpoint had been written yet. "
+                )
+                + "Try a lower optim.lr or optim.grad_clip."
             )
         present = losses
         if masked:  # a task without any label in this batch contributes nothing to it
@@ -316,8 +323,12 @@ class Trainer:
     ) -> dict[str, Tensor]:
         """The losses of the same batch with the updated parameters (for FAMO-like methods)."""
         c = self.c
+        # a second forward in training mode would update BatchNorm statistics twice per step
+        buffers = {name: b.clone() for name, b in c.model.named_buffers()}
         with autocast(c.device, self.cfg.train.precision):
             outputs = list(forward_step(c.model, c.tasks, batches))
+        for name, b in c.model.named_buffers():
+            b.copy_(buffers[name])
         return {
             name: c.tasks[name].compute_loss(pred.float(), target, mask)
             for name, pred, target, mask in outputs

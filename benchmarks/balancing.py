@@ -1,0 +1,254 @@
+"""Step time and peak memory of every balancing method relative to equal weighting.
+
+Usage (the recorded results in benchmarks/results/ give the exact command):
+
+    python benchmarks/balancing.py --setting mlp --tasks 3 10 40 --out benchmarks/results/balancing-mlp-cpu.md
+    python benchmarks/balancing.py --setting mtan --out benchmarks/results/balancing-mtan-cpu.md
+
+One training step = forward, the task losses, the balancer's backward, an Adam step; the
+median of ``--repeats`` timed blocks of ``--steps`` steps after warm-up. Every method runs in
+a fresh subprocess so that its peak resident memory (``ru_maxrss``) is its own. The floor for
+exact per-task gradients, K plain backward passes of the same model (``torch.autograd.grad``
+of each task's loss with respect to every parameter), is measured in the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from polytask.balancing import BALANCERS
+from polytask.balancing.base import BackwardContext, Balancer
+from polytask.losses import CrossEntropyLoss, DepthL1Loss, MSELoss, NormalCosineLoss
+from polytask.metrics.classification import Accuracy
+from polytask.models import ARCHITECTURES, BACKBONES, MultiTaskModel, capture_representation
+from polytask.models.heads import mlp_head
+from polytask.tasks import Task
+from polytask.training.build import resolve_shared
+
+FLOOR = "__floor__"
+
+
+def mlp_setting(
+    k: int, batch: int
+) -> tuple[MultiTaskModel, Tensor, dict[str, Tensor], dict[str, Task]]:
+    tasks = {
+        f"t{i}": Task(name=f"t{i}", loss=MSELoss(), metrics={"accuracy": Accuracy}, output_dim=1)
+        for i in range(k)
+    }
+    mlp = BACKBONES.get("mlp")
+    model = ARCHITECTURES.get("hps")(
+        tasks=tasks,
+        backbone=lambda: mlp(input_shape=(256,), hidden=(512, 512, 256)),
+        head=lambda t, f: mlp_head(t, f, hidden=64),
+    )
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 256, generator=g)
+    y = {t: torch.randn(batch, 1, generator=g) for t in tasks}
+    return model, x, y, tasks
+
+
+def mtan_setting(
+    batch: int, width: float, size: tuple[int, int]
+) -> tuple[MultiTaskModel, Tensor, dict[str, Tensor], dict[str, Task]]:
+    from polytask.models.heads_dense import segnet_head
+
+    from polytask.metrics.depth import DepthMetric
+    from polytask.metrics.normals import NormalMetric
+    from polytask.metrics.segmentation import SegmentationMetric
+
+    tasks = {
+        "semantic": Task(
+            name="semantic",
+            loss=CrossEntropyLoss(),
+            metrics={"seg": lambda: SegmentationMetric(13)},
+            output_dim=13,
+            kind="segmentation",
+        ),
+        "depth": Task(
+            name="depth",
+            loss=DepthL1Loss(),
+            metrics={"depth": DepthMetric},
+            output_dim=1,
+            kind="depth",
+        ),
+        "normal": Task(
+            name="normal",
+            loss=NormalCosineLoss(),
+            metrics={"normal": NormalMetric},
+            output_dim=3,
+            kind="normals",
+        ),
+    }
+    segnet = BACKBONES.get("segnet")
+    model = ARCHITECTURES.get("mtan")(
+        tasks=tasks, backbone=lambda: segnet(input_shape=(3, *size), width=width), head=segnet_head
+    )
+    g = torch.Generator().manual_seed(0)
+    h, w = size
+    x = torch.rand(batch, 3, h, w, generator=g)
+    label = torch.randint(-1, 13, (batch, h, w), generator=g)
+    depth = torch.rand(batch, 1, h, w, generator=g)
+    depth[depth < 0.1] = 0
+    normal = torch.nn.functional.normalize(torch.randn(batch, 3, h, w, generator=g), dim=1)
+    return model, x, {"semantic": label, "depth": depth, "normal": normal}, tasks
+
+
+def measure(
+    args: argparse.Namespace, method: str, options: dict[str, Any], k: int
+) -> dict[str, Any]:
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    if args.setting == "mlp":
+        model, x, y, tasks = mlp_setting(k, args.batch)
+    else:
+        model, x, y, tasks = mtan_setting(args.batch, args.width, tuple(args.size))
+    names = list(tasks)
+    balancer: Balancer | None = None
+    if method != FLOOR:
+        balancer = BALANCERS.get(method)(tasks=names, **options)
+    params = list(model.parameters()) + (list(balancer.parameters()) if balancer else [])
+    opt = torch.optim.Adam(params, lr=1e-4)
+    shared, others = resolve_shared(model, None)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        feature = balancer is not None and balancer.needs_representation
+        with capture_representation(model, feature) as rep:
+            out = model(x)
+        losses = {t: tasks[t].compute_loss(out[t], y[t]) for t in names}
+        if balancer is None:
+            for i, t in enumerate(names):
+                grads = torch.autograd.grad(
+                    losses[t], params, retain_graph=i < len(names) - 1, allow_unused=True
+                )
+                for p, g in zip(params, grads, strict=True):
+                    if g is not None:
+                        p.grad = g if p.grad is None else p.grad + g
+        else:
+            ctx = BackwardContext(
+                shared_parameters=shared, other_parameters=others, representation=rep
+            )
+            balancer.backward(losses, ctx)
+        opt.step()
+        if balancer is not None:
+            balancer.after_optimizer_step(
+                None
+                if not balancer.needs_post_step_losses
+                else {t: v.detach() for t, v in losses.items()}
+            )
+
+    for _ in range(args.warmup):
+        step()
+    blocks = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        blocks.append((time.perf_counter() - start) / args.steps)
+    return {
+        "ms": 1000 * statistics.median(blocks),
+        "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def methods() -> list[tuple[str, str, dict[str, Any]]]:
+    """(label, registered name, options) for every method and level."""
+    from polytask.balancing.gradient import GradientBalancer
+
+    out: list[tuple[str, str, dict[str, Any]]] = []
+    for name in BALANCERS.names():
+        if name.startswith("test_"):
+            continue
+        probe = BALANCERS.get(name)(tasks=["a", "b"])
+        if isinstance(probe, GradientBalancer):
+            out.append((f"{name} (parameter)", name, {"level": "parameter"}))
+            out.append((f"{name} (feature)", name, {"level": "feature"}))
+        else:
+            out.append((name, name, {}))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--setting", choices=["mlp", "mtan"], default="mlp")
+    parser.add_argument("--tasks", type=int, nargs="+", default=[3, 10, 40])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--width", type=float, default=0.125, help="SegNet width multiplier (mtan)")
+    parser.add_argument("--size", type=int, nargs=2, default=[72, 96], help="input H W (mtan)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", nargs="*", help="registered method names to run")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        spec = json.loads(args.child)
+        print(json.dumps(measure(args, spec["method"], spec["options"], spec["k"])))
+        return
+    ks = args.tasks if args.setting == "mlp" else [3]
+    rows: list[tuple[str, int, dict[str, Any]]] = []
+    todo = [("equal", "equal", {}), ("K backward passes (floor)", FLOOR, {})]
+    todo += [m for m in methods() if m[1] != "equal" and (not args.only or m[1] in args.only)]
+    for k in ks:
+        for label, method, options in todo:
+            child = json.dumps({"method": method, "options": options, "k": k})
+            cmd = [sys.executable, __file__, *sys.argv[1:], "--child", child]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                print(f"{label} K={k}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+                continue
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            rows.append((label, k, result))
+            print(
+                f"K={k:3d} {label:32s} {result['ms']:9.2f} ms  peak {result['peak_mib']:8.1f} MiB",
+                flush=True,
+            )
+    table = render(rows, args)
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(table)
+
+
+def render(rows: list[tuple[str, int, dict[str, Any]]], args: argparse.Namespace) -> str:
+    base = {k: r for label, k, r in rows if label == "equal"}
+    floor = {k: r for label, k, r in rows if label.startswith("K backward")}
+    lines = [
+        f"# Balancing cost, setting `{args.setting}`",
+        "",
+        f"Command: `python benchmarks/{Path(__file__).name} {' '.join(a for a in sys.argv[1:] if not a.startswith('--child'))}`",
+        f"Machine: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
+        f"{time.strftime('%Y-%m-%d')}. Median of {args.repeats} blocks of {args.steps} steps after {args.warmup} warm-up steps.",
+        "",
+        "| method | K | ms / step | x equal | x floor | peak RSS MiB | x equal |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, k, r in rows:
+        b, f = base.get(k), floor.get(k)
+        lines.append(
+            f"| {label} | {k} | {r['ms']:.2f} | {r['ms'] / b['ms']:.2f} | {r['ms'] / f['ms']:.2f} | "
+            f"{r['peak_mib']:.0f} | {r['peak_mib'] / b['peak_mib']:.2f} |"
+            if b and f
+            else f"| {label} | {k} | {r['ms']:.2f} | - | - | {r['peak_mib']:.0f} | - |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
