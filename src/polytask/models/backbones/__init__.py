@@ -1,5 +1,7 @@
 """Backbones that architectures wrap; each registered in :data:`polytask.models.BACKBONES`."""
 
+from .segnet import SegNet
 from .small import MLP, SmallCNN
+from .staged import StagedBackbone, StageOutput, StageSpec, run_stages
 
-__all__ = ["MLP", "SmallCNN"]
+__all__ = ["MLP", "SegNet", "SmallCNN", "StageOutput", "StageSpec", "StagedBackbone", "run_stages"]

@@ -41,6 +41,7 @@ three NYUv2 heads has 44,229,073 parameters.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -124,7 +125,7 @@ class MTAN(MultiTaskModel):
             conv_bn_relu(w, s.out_channels) for s, w in zip(decoder, dec_stream_in, strict=True)
         )
         enc_in = [encoder[0].first_channels] + [
-            s.first_channels + w for s, w in zip(encoder[1:], enc_stream, strict=False)
+            s.first_channels + w for s, w in zip(encoder[1:], enc_stream[:-1], strict=True)
         ]
         self.attention = nn.ModuleDict(
             {
@@ -155,18 +156,23 @@ class MTAN(MultiTaskModel):
         self._mask_means: dict[str, dict[str, Tensor]] = {}
 
     def _net(self) -> StagedBackbone:
-        return as_staged(self.backbone, needed_by=type(self).__name__)
+        # validated in __init__
+        return cast(StagedBackbone, self.backbone)
+
+    def _mark_pair(self, a: Tensor, b: Tensor, names: tuple[str, str]) -> tuple[Tensor, Tensor]:
+        marked = self.shared_representation(a, names[0])
+        # a one-layer stage's first output is its last: one point, read twice
+        return marked, marked if b is a else self.shared_representation(b, names[1])
 
     def forward(self, x: Tensor, task: str | None = None) -> dict[str, Tensor]:
         net = self._net()
         trace = run_stages(net, x)
-        mark = self.shared_representation
         encoder = [
-            (mark(t.first, f"encoder.{j}.first"), mark(t.last, f"encoder.{j}.last"))
+            self._mark_pair(t.first, t.last, (f"encoder.{j}.first", f"encoder.{j}.last"))
             for j, t in enumerate(trace.encoder)
         ]
         decoder = [
-            (mark(t.input, f"decoder.{d}.input"), mark(t.last, f"decoder.{d}.last"))
+            self._mark_pair(t.input, t.last, (f"decoder.{d}.input", f"decoder.{d}.last"))
             for d, t in enumerate(trace.decoder)
         ]
         names = self.task_names if task is None else (task,)
