@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import inspect
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -139,11 +140,11 @@ def build_model(
 
     head = linear_head if config.model.head == "linear" else mlp_head
     factory = ARCHITECTURES.get(config.model.architecture)
+    provided: dict[str, Any] = {"tasks": dict(tasks), "backbone": backbone, "head": head}
+    if "input_shape" in inspect.signature(factory).parameters:
+        provided["input_shape"] = input_shape  # for architectures that read the raw input
     model = call_with_options(
-        factory,
-        config.model.options,
-        where="model.options",
-        provided={"tasks": dict(tasks), "backbone": backbone, "head": head},
+        factory, config.model.options, where="model.options", provided=provided
     )
     if not isinstance(model, MultiTaskModel):
         raise TypeError(
