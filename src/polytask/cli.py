@@ -132,12 +132,13 @@ def _cmd_list(args: argparse.Namespace) -> int:
     from .balancing import BALANCERS
     from .data import DATASETS
     from .metrics import METRICS
-    from .models import ARCHITECTURES, BACKBONES
+    from .models import ARCHITECTURES, BACKBONES, HEADS
     from .registry import Registry
 
     registries: list[tuple[str, Registry[Any]]] = [
         ("architectures", ARCHITECTURES),
         ("backbones", BACKBONES),
+        ("heads", HEADS),
         ("balancing methods", BALANCERS),
         ("data sets", DATASETS),
         ("metrics", METRICS),

@@ -65,7 +65,8 @@ class ModelConfig:
     options: dict[str, Any] = field(default_factory=dict)
     backbone: str = "small_cnn"
     backbone_options: dict[str, Any] = field(default_factory=dict)
-    head: Literal["linear", "mlp"] = "linear"
+    #: the prediction head of every task: linear, mlp, segnet (dense), or a registered name
+    head: str = "linear"
 
 
 @dataclass

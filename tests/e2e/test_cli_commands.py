@@ -25,7 +25,7 @@ from polytask.balancing import BALANCERS
 from polytask.cli import main
 from polytask.data import DATASETS
 from polytask.metrics import METRICS
-from polytask.models import ARCHITECTURES, BACKBONES
+from polytask.models import ARCHITECTURES, BACKBONES, HEADS
 from polytask.report.tables import format_value
 
 #: Deliberately large: the command-line overrides below must shrink it.
@@ -295,6 +295,7 @@ def test_list_prints_the_registries(capsys: pytest.CaptureFixture[str]) -> None:
     expected = {
         "architectures": ARCHITECTURES,
         "backbones": BACKBONES,
+        "heads": HEADS,
         "balancing methods": BALANCERS,
         "data sets": DATASETS,
         "metrics": METRICS,

@@ -4,6 +4,7 @@ from . import backbones, sharing
 from .base import (
     ARCHITECTURES,
     BACKBONES,
+    HEADS,
     BackboneFactory,
     HeadFactory,
     MultiTaskModel,
@@ -13,10 +14,12 @@ from .base import (
     out_features,
 )
 from .heads import linear_head, mlp_head
+from .heads_dense import segnet_head
 
 __all__ = [
     "ARCHITECTURES",
     "BACKBONES",
+    "HEADS",
     "BackboneFactory",
     "HeadFactory",
     "MultiTaskModel",
@@ -27,5 +30,6 @@ __all__ = [
     "linear_head",
     "mlp_head",
     "out_features",
+    "segnet_head",
     "sharing",
 ]

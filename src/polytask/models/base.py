@@ -32,6 +32,7 @@ from ..tasks import Task
 __all__ = [
     "ARCHITECTURES",
     "BACKBONES",
+    "HEADS",
     "BackboneFactory",
     "HeadFactory",
     "MultiTaskModel",
@@ -156,6 +157,9 @@ def out_features(backbone: nn.Module) -> int:
 
 ARCHITECTURES: Registry[Callable[..., MultiTaskModel]] = Registry("architecture")
 """``factory(*, tasks, backbone, head, **options) -> MultiTaskModel``."""
+
+HEADS: Registry[HeadFactory] = Registry("head")
+"""Head factories ``head(task, in_features) -> nn.Module`` (``model.head`` in a config)."""
 
 BACKBONES: Registry[Callable[..., nn.Module]] = Registry("backbone")
 """``factory(*, input_shape, **options) -> nn.Module`` with ``out_features``."""

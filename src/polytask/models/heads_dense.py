@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from ..tasks import Task
 from .backbones.segnet import xavier_init_
+from .base import HEADS
 
 __all__ = ["SegNetHead", "segnet_head"]
 
@@ -32,6 +33,7 @@ class SegNetHead(nn.Module):
         return F.normalize(out, p=2.0, dim=1) if self.normalize else out
 
 
+@HEADS.register("segnet")
 def segnet_head(task: Task, in_channels: int) -> nn.Module:
     """The reference SegNet head to ``task.output_dim`` channels, unit-length for normals."""
     return SegNetHead(in_channels, task.output_dim, normalize=task.kind == "normals")

@@ -21,8 +21,7 @@ from ..config import Config, OptimConfig, SchedulerConfig
 from ..data.base import DATASETS, DataBundle
 from ..errors import ConfigError, DataError
 from ..metrics.delta_m import Baseline
-from ..models.base import ARCHITECTURES, BACKBONES, MultiTaskModel
-from ..models.heads import linear_head, mlp_head
+from ..models.base import ARCHITECTURES, BACKBONES, HEADS, MultiTaskModel
 from ..registry import call_with_options
 from ..tasks import Task, check_task_names
 
@@ -138,7 +137,7 @@ def build_model(
         module: nn.Module = backbone_cls(input_shape=input_shape, **options)
         return module
 
-    head = linear_head if config.model.head == "linear" else mlp_head
+    head = HEADS.get(config.model.head)
     factory = ARCHITECTURES.get(config.model.architecture)
     provided: dict[str, Any] = {"tasks": dict(tasks), "backbone": backbone, "head": head}
     if "input_shape" in inspect.signature(factory).parameters:

@@ -126,10 +126,10 @@ class SegNet(nn.Module):
 
     @staticmethod
     def _run(stage: nn.Module, x: Tensor) -> StageOutput:
-        assert isinstance(stage, nn.Sequential)
-        first: Tensor = stage[0](x)
+        blocks = list(stage.children())
+        first: Tensor = blocks[0](x)
         last = first
-        for block in stage[1:]:
+        for block in blocks[1:]:
             last = block(last)
         return StageOutput(first, last)
 
@@ -143,11 +143,10 @@ class SegNet(nn.Module):
     def upsample(self, stage: int, x: Tensor, states: Sequence[object]) -> Tensor:
         state = states[len(states) - 1 - stage]
         assert isinstance(state, _Pooled)
-        return F.max_unpool2d(x, state.indices, kernel_size=2, stride=2, output_size=state.size)
+        return F.max_unpool2d(x, state.indices, (2, 2), (2, 2), output_size=state.size)
 
     def decode(self, stage: int, x: Tensor) -> StageOutput:
         return self._run(self.decoder[stage], x)
 
     def forward(self, x: Tensor) -> Tensor:
         return run_stages(self, x).output
-

@@ -117,7 +117,7 @@ class MTAN(MultiTaskModel):
         # Stream widths: into the next encoder stage's width (the last one keeps its own),
         # then each decoder stage's output width.
         enc_stream = [s.out_channels for s in encoder[1:]] + [encoder[-1].out_channels]
-        dec_stream_in = [enc_stream[-1]] + [s.out_channels for s in decoder[:-1]]
+        dec_stream_in = [enc_stream[-1], *(s.out_channels for s in decoder)][:-1]
         self.shared_encoder_convs = nn.ModuleList(
             conv_bn_relu(s.out_channels, w) for s, w in zip(encoder, enc_stream, strict=True)
         )
@@ -135,7 +135,9 @@ class MTAN(MultiTaskModel):
                         for s, c in zip(encoder, enc_in, strict=True)
                     ],
                     [
-                        AttentionBlock(s.in_channels + s.out_channels, s.out_channels, s.out_channels)
+                        AttentionBlock(
+                            s.in_channels + s.out_channels, s.out_channels, s.out_channels
+                        )
                         for s in decoder
                     ],
                 )
