@@ -1,7 +1,50 @@
-"""How tasks are balanced: loss weighting and gradient aggregation behind one interface."""
+"""How tasks are balanced: loss weighting and gradient aggregation behind one interface.
 
-from . import weighting
+Importing this package registers every built-in method in :data:`BALANCERS`.
+"""
+
+from . import aggregation, weighting
+from .aggregation import (
+    IMTLG,
+    MGDA,
+    AlignedMTL,
+    CAGrad,
+    GradDrop,
+    GradNorm,
+    GradVac,
+    NashMTL,
+    NashMTLNotConverged,
+    PCGrad,
+    UPGrad,
+)
 from .base import BALANCERS, BackwardContext, Balancer, LossWeighting
-from .weighting import Equal
+from .gradient import GradientBalancer, GramianWeighting
+from .weighting import DWA, FAMO, GLS, RLW, Equal, UncertaintyWeighting
 
-__all__ = ["BALANCERS", "BackwardContext", "Balancer", "Equal", "LossWeighting", "weighting"]
+__all__ = [
+    "BALANCERS",
+    "DWA",
+    "FAMO",
+    "GLS",
+    "IMTLG",
+    "MGDA",
+    "RLW",
+    "AlignedMTL",
+    "BackwardContext",
+    "Balancer",
+    "CAGrad",
+    "Equal",
+    "GradDrop",
+    "GradNorm",
+    "GradVac",
+    "GradientBalancer",
+    "GramianWeighting",
+    "LossWeighting",
+    "NashMTL",
+    "NashMTLNotConverged",
+    "PCGrad",
+    "UPGrad",
+    "UncertaintyWeighting",
+    "aggregation",
+    "weighting",
+]

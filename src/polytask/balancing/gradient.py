@@ -91,6 +91,8 @@ class GradientBalancer(Balancer):
         self.level: Level = level
         self.needs_representation = level == "feature"
         self._diagnostics: dict[str, Tensor] = {}
+        # a Gramian the method computed anyway, reused for the diagnostics
+        self._gramian: Tensor | None = None
 
     @abstractmethod
     def aggregate(self, jacobian: Tensor, tasks: Sequence[str]) -> tuple[Tensor, Tensor]:
@@ -146,9 +148,10 @@ class GradientBalancer(Balancer):
             jacobian = jacobian / scale
         jacobian = self.synchronize(jacobian)
         if bool(torch.isfinite(jacobian).all()):
+            self._gramian = None
             combined, weights = self.aggregate(jacobian, names)
-            gram = jacobian @ jacobian.T
-            self._diagnostics = {"gramian": gram.detach()}
+            gram = self._gramian if self._gramian is not None else jacobian @ jacobian.T
+            self._diagnostics = {"gramian": gram.detach().float()}
         else:
             if ctx.grad_scaler is None:
                 bad = [
@@ -190,6 +193,7 @@ class GramianWeighting(GradientBalancer):
 
     def aggregate(self, jacobian: Tensor, tasks: Sequence[str]) -> tuple[Tensor, Tensor]:
         gramian = jacobian.double() @ jacobian.double().T
+        self._gramian = gramian
         weights = self.weights_from_gramian(gramian).to(jacobian.dtype)
         return weights @ jacobian, weights
 

@@ -291,6 +291,12 @@ def build_components(config: Config) -> Components:
             "task); with multi-input data use balancer.options.level=parameter."
         )
     resolve_shared(model, config.balancer.shared)  # fails early on a bad pattern
+    if config.balancer.lr is not None and not any(p.requires_grad for p in balancer.parameters()):
+        raise ConfigError(
+            f"balancer.lr is set but {config.balancer.name!r} has no learnable parameters "
+            "for the optimizer; use the method's own options (see balancer.options), or "
+            "remove balancer.lr."
+        )
     optimizer = build_optimizer(config.optim, model, balancer, config.balancer.lr)
     scheduler = build_scheduler(
         config.optim.scheduler, optimizer, config.train.epochs, config.optim.lr

@@ -1,5 +1,10 @@
 """Loss-level balancing methods."""
 
+from .dwa import DWA
 from .equal import Equal
+from .famo import FAMO
+from .gls import GLS
+from .rlw import RLW
+from .uncertainty import UncertaintyWeighting
 
-__all__ = ["Equal"]
+__all__ = ["DWA", "FAMO", "GLS", "RLW", "Equal", "UncertaintyWeighting"]

@@ -1,0 +1,26 @@
+"""Gradient-level balancing methods: per-task gradients combined into one update."""
+
+from .aligned_mtl import AlignedMTL
+from .cagrad import CAGrad
+from .graddrop import GradDrop
+from .gradnorm import GradNorm
+from .gradvac import GradVac
+from .imtl import IMTLG
+from .mgda import MGDA
+from .nash_mtl import NashMTL, NashMTLNotConverged
+from .pcgrad import PCGrad
+from .upgrad import UPGrad
+
+__all__ = [
+    "IMTLG",
+    "MGDA",
+    "AlignedMTL",
+    "CAGrad",
+    "GradDrop",
+    "GradNorm",
+    "GradVac",
+    "NashMTL",
+    "NashMTLNotConverged",
+    "PCGrad",
+    "UPGrad",
+]
