@@ -53,6 +53,10 @@ class Registry(Generic[T]):
 
         return decorator
 
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (a KeyError if it is not registered)."""
+        del self._items[name]
+
     def get(self, name: str) -> T:
         """The factory registered as ``name``; a :class:`ConfigError` lists the known names."""
         try:

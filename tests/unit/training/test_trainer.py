@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,6 @@ from polytask.training.trainer import Trainer
 SEEN_LOSS_KEYS: list[tuple[str, ...]] = []
 
 
-@BALANCERS.register("test_recording_equal")
 class RecordingEqual(LossWeighting):
     """Equal weighting that records which tasks each step's losses cover."""
 
@@ -43,7 +42,6 @@ def _classification(name: str) -> Task:
     return Task(name=name, loss=CrossEntropyLoss(), metrics={"accuracy": Accuracy}, output_dim=3)
 
 
-@DATASETS.register("test_unlabelled_b")
 def unlabelled_b(n: int = 64) -> DataBundle:
     """Task ``a`` always labelled, task ``b`` never labelled in training."""
     g = torch.Generator().manual_seed(0)
@@ -66,6 +64,17 @@ def unlabelled_b(n: int = 64) -> DataBundle:
     )
 
 
+@pytest.fixture
+def test_components() -> Iterator[None]:
+    """Register this module's test balancer and data set for one test only."""
+    BALANCERS.register("test_recording_equal")(RecordingEqual)
+    DATASETS.register("test_unlabelled_b")(unlabelled_b)
+    yield
+    BALANCERS.unregister("test_recording_equal")
+    DATASETS.unregister("test_unlabelled_b")
+
+
+@pytest.mark.usefixtures("test_components")
 def test_a_task_without_labels_in_a_batch_gets_no_loss_and_no_gradient(tmp_path: Path) -> None:
     config = tiny_config_dict(
         tmp_path / "runs",
