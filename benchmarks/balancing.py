@@ -30,6 +30,7 @@ from torch import Tensor
 
 from polytask.balancing import BALANCERS
 from polytask.balancing.base import BackwardContext, Balancer
+from polytask.balancing.gradient import GradientBalancer
 from polytask.losses import CrossEntropyLoss, DepthL1Loss, MSELoss, NormalCosineLoss
 from polytask.metrics.classification import Accuracy
 from polytask.models import ARCHITECTURES, BACKBONES, MultiTaskModel, capture_representation
@@ -62,11 +63,10 @@ def mlp_setting(
 def mtan_setting(
     batch: int, width: float, size: tuple[int, int]
 ) -> tuple[MultiTaskModel, Tensor, dict[str, Tensor], dict[str, Task]]:
-    from polytask.models.heads_dense import segnet_head
-
     from polytask.metrics.depth import DepthMetric
     from polytask.metrics.normals import NormalMetric
     from polytask.metrics.segmentation import SegmentationMetric
+    from polytask.models.heads_dense import segnet_head
 
     tasks = {
         "semantic": Task(
@@ -118,6 +118,8 @@ def measure(
     balancer: Balancer | None = None
     if method != FLOOR:
         balancer = BALANCERS.get(method)(tasks=names, **options)
+        if isinstance(balancer, GradientBalancer):
+            balancer.gramian_precision = args.gramian
     params = list(model.parameters()) + (list(balancer.parameters()) if balancer else [])
     opt = torch.optim.Adam(params, lr=1e-4)
     shared, others = resolve_shared(model, None)
@@ -165,8 +167,6 @@ def measure(
 
 def methods() -> list[tuple[str, str, dict[str, Any]]]:
     """(label, registered name, options) for every method and level."""
-    from polytask.balancing.gradient import GradientBalancer
-
     out: list[tuple[str, str, dict[str, Any]]] = []
     for name in BALANCERS.names():
         if name.startswith("test_"):
@@ -194,6 +194,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", nargs="*", help="registered method names to run")
+    parser.add_argument(
+        "--gramian",
+        choices=["float64", "float32"],
+        default="float64",
+        help="balancer.gramian_precision",
+    )
     parser.add_argument("--out", type=Path)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -42,19 +42,21 @@ from torch import Tensor
 from ..errors import ConfigError, TrainingDiverged
 from .base import BackwardContext, Balancer
 
-__all__ = ["GradientBalancer", "GramianWeighting", "Level"]
+__all__ = ["GradientBalancer", "GramianPrecision", "GramianWeighting", "Level"]
 
 Level = Literal["parameter", "feature"]
 
 
-def _flatten(grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> Tensor:
-    parts = [
-        (g if g is not None else torch.zeros_like(t)).reshape(-1).float()
-        for g, t in zip(grads, like, strict=True)
-    ]
-    if not parts:
-        return torch.zeros(0)
-    return torch.cat(parts)
+def _fill_row(row: Tensor, grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> None:
+    """Copy per-tensor gradients into one row of the Jacobian (zeros where unused)."""
+    offset = 0
+    for g, t in zip(grads, like, strict=True):
+        n = t.numel()
+        if g is None:
+            row[offset : offset + n].zero_()
+        else:
+            row[offset : offset + n].copy_(g.reshape(-1))
+        offset += n
 
 
 def _unflatten(vector: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
@@ -68,6 +70,9 @@ def _unflatten(vector: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
 
 def _accumulate(param: Tensor, grad: Tensor) -> None:
     param.grad = grad if param.grad is None else param.grad + grad
+
+
+GramianPrecision = Literal["float64", "float32"]
 
 
 class GradientBalancer(Balancer):
@@ -91,8 +96,12 @@ class GradientBalancer(Balancer):
         self.level: Level = level
         self.needs_representation = level == "feature"
         self._diagnostics: dict[str, Tensor] = {}
-        # a Gramian the method computed anyway, reused for the diagnostics
+        # the Gramian of the last Jacobian (see :meth:`gramian`)
         self._gramian: Tensor | None = None
+        self._gramian_of: Tensor | None = None
+        self._buffer: Tensor | None = None
+        #: precision of the Gramian product (``balancer.gramian_precision``; see :meth:`gramian`)
+        self.gramian_precision: GramianPrecision = "float64"
 
     @abstractmethod
     def aggregate(self, jacobian: Tensor, tasks: Sequence[str]) -> tuple[Tensor, Tensor]:
@@ -102,6 +111,40 @@ class GradientBalancer(Balancer):
         (a K-vector, for diagnostics; the coefficient of the task's row where the result is
         a combination of rows).
         """
+
+    def _jacobian_buffer(self, shape: tuple[int, int], device: torch.device) -> Tensor:
+        """A K x N matrix reused from step to step.
+
+        Each task's gradients are copied in once; reusing the memory avoids the cost of
+        fresh pages every step (large on the CPU). Methods must not keep a reference to it.
+        """
+        buffer = self._buffer
+        if buffer is None or buffer.shape != shape or buffer.device != device:
+            buffer = self._buffer = torch.empty(shape, device=device)
+        return buffer
+
+    def gramian(self, jacobian: Tensor) -> Tensor:
+        """``J J^T`` as float64, cached for this ``J``.
+
+        With :attr:`gramian_precision` ``"float64"`` (default) the product is exact for the
+        given rows (computed in float64, by column blocks so that no float64 copy of J is
+        ever whole); ``"float32"`` multiplies in float32, about three times cheaper on the
+        CPU (and far cheaper on GPUs with slow float64), with a relative error of float32
+        rounding in the entries. Methods receive float64 either way.
+        :class:`GramianWeighting` and the diagnostics share one computation per step.
+        """
+        if self._gramian is not None and self._gramian_of is jacobian:
+            return self._gramian
+        if self.gramian_precision == "float32" or jacobian.dtype == torch.float64:
+            gramian = (jacobian @ jacobian.T).double()
+        else:
+            k = jacobian.shape[0]
+            gramian = torch.zeros((k, k), dtype=torch.float64, device=jacobian.device)
+            for block in torch.split(jacobian, 65536, dim=1):
+                block64 = block.double()
+                gramian.addmm_(block64, block64.T)
+        self._gramian, self._gramian_of = gramian, jacobian
+        return gramian
 
     def synchronize(self, jacobian: Tensor) -> Tensor:
         """The single point where per-task gradients are complete (multi-process hook)."""
@@ -126,32 +169,31 @@ class GradientBalancer(Balancer):
             targets = list(ctx.shared_parameters)
             others = list(ctx.other_parameters)
         scale = ctx.grad_scaler.get_scale() if ctx.grad_scaler is not None else 1.0
-        rows = []
         other_grads: list[Tensor | None] = [None] * len(others)
         keep_graph = self.level == "parameter"
+        device = targets[0].device if targets else losses[names[0]].device
+        jacobian = self._jacobian_buffer((len(names), sum(t.numel() for t in targets)), device)
         for k, name in enumerate(names):
-            inputs = targets + others
             grads = torch.autograd.grad(
                 ctx.scale(losses[name]),
-                inputs,
+                [*targets, *others],
                 retain_graph=keep_graph and k < len(names) - 1,
                 allow_unused=True,
                 materialize_grads=False,
             )
-            rows.append(_flatten(grads[: len(targets)], targets))
+            _fill_row(jacobian[k], grads[: len(targets)], targets)
             for i, g in enumerate(grads[len(targets) :]):
                 if g is not None:
                     previous = other_grads[i]
                     other_grads[i] = g if previous is None else previous + g
-        jacobian = torch.stack(rows)
         if scale != 1.0:
-            jacobian = jacobian / scale
+            jacobian.div_(scale)
         jacobian = self.synchronize(jacobian)
-        if bool(torch.isfinite(jacobian).all()):
-            self._gramian = None
+        gramian = self.gramian(jacobian)
+        # an inf or NaN anywhere in J shows in its Gramian: a K x K check instead of K x N
+        if bool(torch.isfinite(gramian).all()) or bool(torch.isfinite(jacobian).all()):
             combined, weights = self.aggregate(jacobian, names)
-            gram = self._gramian if self._gramian is not None else jacobian @ jacobian.T
-            self._diagnostics = {"gramian": gram.detach().float()}
+            self._diagnostics = {"gramian": gramian.detach().float()}
         else:
             if ctx.grad_scaler is None:
                 bad = [
@@ -192,9 +234,7 @@ class GramianWeighting(GradientBalancer):
         """The K weights for the Gramian ``G = J J^T`` (float64 on the Jacobian's device)."""
 
     def aggregate(self, jacobian: Tensor, tasks: Sequence[str]) -> tuple[Tensor, Tensor]:
-        gramian = jacobian.double() @ jacobian.double().T
-        self._gramian = gramian
-        weights = self.weights_from_gramian(gramian).to(jacobian.dtype)
+        weights = self.weights_from_gramian(self.gramian(jacobian)).to(jacobian.dtype)
         return weights @ jacobian, weights
 
     def get_extra_state(self) -> dict[str, Any]:

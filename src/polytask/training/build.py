@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..balancing.base import BALANCERS, Balancer
+from ..balancing.gradient import GradientBalancer
 from ..config import Config, OptimConfig, SchedulerConfig
 from ..data.base import DATASETS, DataBundle
 from ..errors import ConfigError, DataError
@@ -162,6 +163,8 @@ def build_balancer(config: Config, tasks: Mapping[str, Task]) -> Balancer:
         raise TypeError(
             f"balancing method {config.balancer.name!r} returned {type(balancer).__name__}"
         )
+    if isinstance(balancer, GradientBalancer):
+        balancer.gramian_precision = config.balancer.gramian_precision
     return balancer
 
 

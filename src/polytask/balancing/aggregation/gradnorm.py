@@ -116,7 +116,7 @@ class GradNorm(GradientBalancer):
         weights = self.weight.detach()[index].to(jacobian.device, jacobian.dtype)
         combined = weights @ jacobian
         if all(t in self._step_losses for t in tasks):
-            norms = torch.linalg.vector_norm(jacobian, dim=1, dtype=torch.float64)
+            norms = self.gramian(jacobian).diagonal().clamp_min(0).sqrt()
             losses = torch.stack([self._step_losses[t] for t in tasks]).to(jacobian.device)
             initial = self.initial_losses.to(jacobian.device)[index.to(jacobian.device)]
             grad = torch.zeros(len(self.task_names), dtype=torch.float64, device=jacobian.device)
