@@ -98,6 +98,14 @@ class MultiTaskModel(nn.Module, ABC):
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
         """Parameters that only ``task``'s loss depends on."""
 
+    def regularization(self) -> Tensor | None:
+        """A penalty added to every training step's objective (soft sharing, sluice), or None.
+
+        Its gradient is added to the balanced task gradients as is: a balancing method never
+        weights it.
+        """
+        return None
+
     def optimizer_param_groups(self, lr: float) -> list[dict[str, Any]]:
         """Optimizer parameter groups; override to give parts their own learning rate."""
         return [{"params": list(self.parameters()), "lr": lr, "name": "model"}]

@@ -290,6 +290,9 @@ class Trainer:
                 step=s.global_step,
                 representation=representation,
             )
+            penalty = c.model.regularization()
+            if penalty is not None:
+                ctx.scale(penalty).backward()  # type: ignore[no-untyped-call]
             weights = c.balancer.backward(present, ctx)
             del representation, outputs
             gram = c.balancer.diagnostics().get("gramian")
