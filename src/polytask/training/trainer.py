@@ -292,7 +292,8 @@ class Trainer:
             )
             penalty = c.model.regularization()
             if penalty is not None:
-                ctx.scale(penalty).backward()  # type: ignore[no-untyped-call]
+                # keep the graph: a penalty on activations (sluice) shares it with the losses
+                ctx.scale(penalty).backward(retain_graph=True)  # type: ignore[no-untyped-call]
             weights = c.balancer.backward(present, ctx)
             del representation, outputs
             gram = c.balancer.diagnostics().get("gramian")

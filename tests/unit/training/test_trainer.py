@@ -234,6 +234,8 @@ def test_balancer_context_scales_loss_only_with_a_scaler() -> None:
 
 def test_tensorboard_events_are_written_when_enabled(tmp_path: Path) -> None:
     pytest.importorskip("tensorboard", reason="the optional extra polytask[tensorboard]")
-    run, _ = train(tiny_config_dict(tmp_path / "runs", **{"train.tensorboard": True}), console=False)
+    run, _ = train(
+        tiny_config_dict(tmp_path / "runs", **{"train.tensorboard": True}), console=False
+    )
     events = list((run.path / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0

@@ -1,10 +1,17 @@
 """Sharing schemes, each registered in :data:`polytask.models.ARCHITECTURES`."""
 
+from .cross_stitch import CrossStitch
+from .dense import Dense
 from .hard import HardSharing
 from .mmoe import MMoE
 from .mtan import MTAN, STAN
 from .ple import PLE
 from .single_task import SingleTask
+from .sluice import Sluice
+from .soft import SoftSharing
+from .split import Split
 
 __all__ = ["MTAN", "STAN", "HardSharing", "SingleTask"]
 __all__ += ["PLE", "MMoE"]
+__all__ += ["Dense", "Split"]
+__all__ += ["CrossStitch", "Sluice", "SoftSharing"]
