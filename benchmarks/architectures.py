@@ -28,10 +28,7 @@ import torch.nn.functional as F
 
 from polytask.balancing import Equal
 from polytask.balancing.base import BackwardContext
-from polytask.losses import CrossEntropyLoss, DepthL1Loss, NormalCosineLoss
-from polytask.metrics.depth import DepthMetric
-from polytask.metrics.normals import NormalMetric
-from polytask.metrics.segmentation import SegmentationMetric
+from polytask.data.nyuv2_tasks import nyuv2_tasks
 from polytask.models import ARCHITECTURES, BACKBONES, MultiTaskModel
 from polytask.models.heads_dense import segnet_head
 from polytask.tasks import Task
@@ -40,29 +37,7 @@ ARCHS = ["single_task", "hps", "split_wide", "split_deep", "dense", "cross_stitc
 
 
 def nyu_tasks() -> dict[str, Task]:
-    return {
-        "semantic": Task(
-            name="semantic",
-            loss=CrossEntropyLoss(),
-            metrics={"seg": lambda: SegmentationMetric(13)},
-            output_dim=13,
-            kind="segmentation",
-        ),
-        "depth": Task(
-            name="depth",
-            loss=DepthL1Loss(),
-            metrics={"depth": DepthMetric},
-            output_dim=1,
-            kind="depth",
-        ),
-        "normal": Task(
-            name="normal",
-            loss=NormalCosineLoss(),
-            metrics={"normal": NormalMetric},
-            output_dim=3,
-            kind="normals",
-        ),
-    }
+    return nyuv2_tasks()
 
 
 def build(arch: str, width: float, size: tuple[int, int]) -> MultiTaskModel:

@@ -31,7 +31,7 @@ from torch import Tensor
 from polytask.balancing import BALANCERS
 from polytask.balancing.base import BackwardContext, Balancer
 from polytask.balancing.gradient import GradientBalancer
-from polytask.losses import CrossEntropyLoss, DepthL1Loss, MSELoss, NormalCosineLoss
+from polytask.losses import MSELoss
 from polytask.metrics.classification import Accuracy
 from polytask.models import ARCHITECTURES, BACKBONES, MultiTaskModel, capture_representation
 from polytask.models.heads import mlp_head
@@ -63,34 +63,10 @@ def mlp_setting(
 def mtan_setting(
     batch: int, width: float, size: tuple[int, int]
 ) -> tuple[MultiTaskModel, Tensor, dict[str, Tensor], dict[str, Task]]:
-    from polytask.metrics.depth import DepthMetric
-    from polytask.metrics.normals import NormalMetric
-    from polytask.metrics.segmentation import SegmentationMetric
+    from polytask.data.nyuv2_tasks import nyuv2_tasks
     from polytask.models.heads_dense import segnet_head
 
-    tasks = {
-        "semantic": Task(
-            name="semantic",
-            loss=CrossEntropyLoss(),
-            metrics={"seg": lambda: SegmentationMetric(13)},
-            output_dim=13,
-            kind="segmentation",
-        ),
-        "depth": Task(
-            name="depth",
-            loss=DepthL1Loss(),
-            metrics={"depth": DepthMetric},
-            output_dim=1,
-            kind="depth",
-        ),
-        "normal": Task(
-            name="normal",
-            loss=NormalCosineLoss(),
-            metrics={"normal": NormalMetric},
-            output_dim=3,
-            kind="normals",
-        ),
-    }
+    tasks = nyuv2_tasks()
     segnet = BACKBONES.get("segnet")
     model = ARCHITECTURES.get("mtan")(
         tasks=tasks, backbone=lambda: segnet(input_shape=(3, *size), width=width), head=segnet_head

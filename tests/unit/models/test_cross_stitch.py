@@ -18,12 +18,11 @@ from torch import Tensor, nn
 
 from polytask.api import train
 from polytask.data.base import DATASETS, DataBundle
+from polytask.data.nyuv2_tasks import nyuv2_tasks
 from polytask.data.tensor import TensorMTLDataset
 from polytask.errors import CheckpointError, ConfigError
-from polytask.losses import CrossEntropyLoss, DepthL1Loss, NormalCosineLoss
+from polytask.losses import DepthL1Loss
 from polytask.metrics.depth import DepthMetric
-from polytask.metrics.normals import NormalMetric
-from polytask.metrics.segmentation import SegmentationMetric
 from polytask.models import (
     ARCHITECTURES,
     BACKBONES,
@@ -37,25 +36,7 @@ from polytask.models.sharing import CrossStitch, SingleTask
 from polytask.models.sharing.cross_stitch import CrossStitchUnit, ReferenceCrossStitchUnit
 from polytask.tasks import Task
 
-TASKS = {
-    "semantic": Task(
-        name="semantic",
-        loss=CrossEntropyLoss(),
-        metrics={"seg": lambda: SegmentationMetric(13)},
-        output_dim=13,
-        kind="segmentation",
-    ),
-    "depth": Task(
-        name="depth", loss=DepthL1Loss(), metrics={"depth": DepthMetric}, output_dim=1, kind="depth"
-    ),
-    "normal": Task(
-        name="normal",
-        loss=NormalCosineLoss(),
-        metrics={"normal": NormalMetric},
-        output_dim=3,
-        kind="normals",
-    ),
-}
+TASKS = nyuv2_tasks()
 NYU_SHAPE = (3, 288, 384)
 SMALL_SHAPE = (3, 32, 48)
 SINGLE_TASK_SEGNETS = 24_981_069 + 24_980_289 + 24_980_419  # REFERENCE.md section 3

@@ -13,11 +13,8 @@ from torch import Tensor, nn
 
 from polytask.balancing.base import BackwardContext
 from polytask.balancing.gradient import GramianWeighting
+from polytask.data.nyuv2_tasks import nyuv2_tasks
 from polytask.errors import ConfigError
-from polytask.losses import CrossEntropyLoss, DepthL1Loss, NormalCosineLoss
-from polytask.metrics.depth import DepthMetric
-from polytask.metrics.normals import NormalMetric
-from polytask.metrics.segmentation import SegmentationMetric
 from polytask.models import (
     ARCHITECTURES,
     BACKBONES,
@@ -28,27 +25,8 @@ from polytask.models import (
 from polytask.models.backbones import SegNet
 from polytask.models.heads_dense import segnet_head
 from polytask.models.sharing import Dense, Split
-from polytask.tasks import Task
 
-TASKS = {
-    "semantic": Task(
-        name="semantic",
-        loss=CrossEntropyLoss(),
-        metrics={"seg": lambda: SegmentationMetric(13)},
-        output_dim=13,
-        kind="segmentation",
-    ),
-    "depth": Task(
-        name="depth", loss=DepthL1Loss(), metrics={"depth": DepthMetric}, output_dim=1, kind="depth"
-    ),
-    "normal": Task(
-        name="normal",
-        loss=NormalCosineLoss(),
-        metrics={"normal": NormalMetric},
-        output_dim=3,
-        kind="normals",
-    ),
-}
+TASKS = nyuv2_tasks()
 NYU_SHAPE = (3, 288, 384)
 SMALL_SHAPE = (3, 32, 48)
 UNCERTAINTY_LOGVARS = 3  # stored in the reference's multi-task models, here in the balancer
