@@ -32,3 +32,18 @@ def tiny_config_dict(output_dir: Path, **overrides: Any) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[last] = value
     return config
+
+
+def own_copies(rep: Any, task: str) -> list[Any]:
+    """The copies of the shared-representation points that ``task`` reads (per-task points)
+    or the single copy every task reads."""
+    return [
+        p.leaves[task] if task in p.leaves else p.leaves[None]
+        for p in rep.points
+        if task in p.leaves or None in p.leaves
+    ]
+
+
+def other_copies(rep: Any, task: str) -> list[Any]:
+    """The copies of the shared-representation points given to tasks other than ``task``."""
+    return [leaf for p in rep.points for t, leaf in p.leaves.items() if t not in (None, task)]

@@ -13,8 +13,11 @@ backward pass per task through the shared part (the floor for exact per-task gra
 tensors that task-specific modules read (the architecture marks them; see
 :meth:`~polytask.models.MultiTaskModel.shared_representation`). The method combines those
 rows into one gradient per representation point, and a single backward pass carries it into
-the shared trunk. Only the task-specific parts are traversed K times, so the cost stays
-close to that of one backward pass whatever K is.
+the shared trunk. Where the architecture gives each task its own copy of every point
+(``shared_representation(z, name, task=...)``, as all built-in architectures do), one
+backward pass of ``sum_k L_k`` through the task-specific parts yields all K rows, since the
+gradient at task k's copy is exactly ``dL_k/dz``; otherwise those parts are traversed once per
+task. Either way the cost stays close to that of equal weighting whatever K is.
 
 The two levels coincide when the combined gradient is a fixed linear combination of the
 rows (such as equal weighting): then ``sum_k w_k dL_k/dtheta`` is the same whether the
@@ -102,6 +105,10 @@ class GradientBalancer(Balancer):
         self._buffer: Tensor | None = None
         #: precision of the Gramian product (``balancer.gramian_precision``; see :meth:`gramian`)
         self.gramian_precision: GramianPrecision = "float64"
+        #: at feature level, take every row from one backward pass where the architecture
+        #: gives each task its own copy of every point; False forces one pass per task
+        #: (the same rows, K times the work; for checking a new architecture)
+        self.feature_single_pass = True
 
     @abstractmethod
     def aggregate(self, jacobian: Tensor, tasks: Sequence[str]) -> tuple[Tensor, Tensor]:
@@ -155,37 +162,12 @@ class GradientBalancer(Balancer):
 
     def backward(self, losses: Mapping[str, Tensor], ctx: BackwardContext) -> dict[str, Tensor]:
         names = list(losses)
-        if self.level == "feature":
-            if ctx.representation is None or not ctx.representation.points:
-                raise ConfigError(
-                    f"balancer.options.level=feature: the architecture marks no shared "
-                    f"representation; use level=parameter with {type(self).__name__}."
-                )
-            originals = [orig for _, orig, _ in ctx.representation.points]
-            targets = [leaf for _, _, leaf in ctx.representation.points]
-            others = list(ctx.other_parameters) + list(ctx.shared_parameters)
-        else:
-            originals = []
-            targets = list(ctx.shared_parameters)
-            others = list(ctx.other_parameters)
         scale = ctx.grad_scaler.get_scale() if ctx.grad_scaler is not None else 1.0
-        other_grads: list[Tensor | None] = [None] * len(others)
-        keep_graph = self.level == "parameter"
-        device = targets[0].device if targets else losses[names[0]].device
-        jacobian = self._jacobian_buffer((len(names), sum(t.numel() for t in targets)), device)
-        for k, name in enumerate(names):
-            grads = torch.autograd.grad(
-                ctx.scale(losses[name]),
-                [*targets, *others],
-                retain_graph=keep_graph and k < len(names) - 1,
-                allow_unused=True,
-                materialize_grads=False,
-            )
-            _fill_row(jacobian[k], grads[: len(targets)], targets)
-            for i, g in enumerate(grads[len(targets) :]):
-                if g is not None:
-                    previous = other_grads[i]
-                    other_grads[i] = g if previous is None else previous + g
+        if self.level == "feature":
+            jacobian, others, other_grads, originals = self._feature_rows(losses, ctx)
+        else:
+            jacobian, others, other_grads = self._parameter_rows(losses, ctx)
+            originals = []
         if scale != 1.0:
             jacobian.div_(scale)
         jacobian = self.synchronize(jacobian)
@@ -213,13 +195,114 @@ class GradientBalancer(Balancer):
         for param, own in zip(others, other_grads, strict=True):
             if own is not None:
                 _accumulate(param, own)
-        pieces = _unflatten(combined, targets)
         if self.level == "feature":
+            pieces = _unflatten(combined, originals)
             torch.autograd.backward(originals, grad_tensors=pieces)
         else:
-            for target, piece in zip(targets, pieces, strict=True):
+            targets = list(ctx.shared_parameters)
+            for target, piece in zip(targets, _unflatten(combined, targets), strict=True):
                 _accumulate(target, piece)
         return {t: weights[i].detach() for i, t in enumerate(names)}
+
+    def _parameter_rows(
+        self, losses: Mapping[str, Tensor], ctx: BackwardContext
+    ) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
+        """One backward pass per task: rows over the manipulated parameters, plus the
+        summed gradients of every other parameter."""
+        names = list(losses)
+        targets = list(ctx.shared_parameters)
+        others: list[Tensor] = list(ctx.other_parameters)
+        device = targets[0].device if targets else losses[names[0]].device
+        jacobian = self._jacobian_buffer((len(names), sum(t.numel() for t in targets)), device)
+        other_grads: list[Tensor | None] = [None] * len(others)
+        for k, name in enumerate(names):
+            grads = torch.autograd.grad(
+                ctx.scale(losses[name]),
+                [*targets, *others],
+                retain_graph=k < len(names) - 1,
+                allow_unused=True,
+                materialize_grads=False,
+            )
+            _fill_row(jacobian[k], grads[: len(targets)], targets)
+            _add_into(other_grads, grads[len(targets) :])
+        return jacobian, others, other_grads
+
+    def _feature_rows(
+        self, losses: Mapping[str, Tensor], ctx: BackwardContext
+    ) -> tuple[Tensor, list[Tensor], list[Tensor | None], list[Tensor]]:
+        """Rows over the shared representation, plus the summed gradients of every parameter
+        the task-specific modules reach, and the originals of the points.
+
+        Where every point gives each task its own copy, one backward pass of ``sum_k L_k``
+        yields every row at once (task ``k``'s row is the gradient at its own copies);
+        otherwise one pass per task.
+        """
+        names = list(losses)
+        if ctx.representation is None or not ctx.representation.points:
+            raise ConfigError(
+                f"balancer.options.level=feature: the architecture marks no shared "
+                f"representation; use level=parameter with {type(self).__name__}."
+            )
+        points = ctx.representation.points
+        originals = [p.original for p in points]
+        others: list[Tensor] = [*ctx.other_parameters, *ctx.shared_parameters]
+        sizes = [o.numel() for o in originals]
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        jacobian = self._jacobian_buffer((len(names), sum(sizes)), originals[0].device)
+        other_grads: list[Tensor | None] = [None] * len(others)
+        if self.feature_single_pass and all(p.per_task for p in points):
+            # (row, column block, leaf) for every copy read by a task of this step
+            row_of = {name: k for k, name in enumerate(names)}
+            cells = [
+                (row_of[task], i, leaf)
+                for i, p in enumerate(points)
+                for task, leaf in p.leaves.items()
+                if task in row_of
+            ]
+            total = ctx.scale(losses[names[0]])
+            for name in names[1:]:
+                total = total + ctx.scale(losses[name])
+            grads = torch.autograd.grad(
+                total,
+                [leaf for _, _, leaf in cells] + others,
+                allow_unused=True,
+                materialize_grads=False,
+            )
+            filled: set[tuple[int, int]] = set()
+            for (k, i, _), g in zip(cells, grads[: len(cells)], strict=True):
+                if g is not None:
+                    jacobian[k, offsets[i] : offsets[i] + sizes[i]].copy_(g.reshape(-1))
+                    filled.add((k, i))
+            for k in range(len(names)):
+                for i in range(len(points)):
+                    if (k, i) not in filled:
+                        jacobian[k, offsets[i] : offsets[i] + sizes[i]].zero_()
+            _add_into(other_grads, grads[len(cells) :])
+            return jacobian, others, other_grads, originals
+        for k, name in enumerate(names):
+            reads = [p.leaves.get(None, p.leaves.get(name)) for p in points]
+            present = [leaf for leaf in reads if leaf is not None]
+            grads = torch.autograd.grad(
+                ctx.scale(losses[name]),
+                [*present, *others],
+                allow_unused=True,
+                materialize_grads=False,
+            )
+            it = iter(grads[: len(present)])
+            _fill_row(
+                jacobian[k],
+                [None if leaf is None else next(it) for leaf in reads],
+                originals,
+            )
+            _add_into(other_grads, grads[len(present) :])
+        return jacobian, others, other_grads, originals
+
+
+def _add_into(total: list[Tensor | None], grads: Sequence[Tensor | None]) -> None:
+    for i, g in enumerate(grads):
+        if g is not None:
+            previous = total[i]
+            total[i] = g if previous is None else previous + g
 
 
 class GramianWeighting(GradientBalancer):

@@ -37,6 +37,7 @@ __all__ = [
     "HeadFactory",
     "MultiTaskModel",
     "RepresentationCapture",
+    "RepresentationPoint",
     "capture_representation",
     "check_parameter_partition",
     "out_features",
@@ -50,16 +51,61 @@ HeadFactory = Callable[[Task, int], nn.Module]
 
 
 @dataclass
-class RepresentationCapture:
-    """The shared-representation points of one forward pass.
+class RepresentationPoint:
+    """One marked tensor of the shared representation.
 
-    ``points`` holds ``(name, original, leaf)``: the task-specific modules read ``leaf``, a
-    detached copy of ``original`` that requires gradient, while the shared modules go on
-    with ``original``. Per-task gradients with respect to the leaves are the feature-level
-    Jacobian; one backward of ``original`` with the combined gradient then trains the trunk.
+    ``original`` is the tensor the shared modules computed (and go on with); ``leaves`` maps
+    a task name to the detached copy that task's modules read, or ``None`` to the single
+    copy that every task reads (see :meth:`MultiTaskModel.shared_representation`).
     """
 
-    points: list[tuple[str, Tensor, Tensor]] = field(default_factory=list)
+    name: str
+    original: Tensor
+    leaves: dict[str | None, Tensor] = field(default_factory=dict)
+
+    @property
+    def per_task(self) -> bool:
+        """True when every task reads its own copy (then one backward pass separates them)."""
+        return None not in self.leaves
+
+
+@dataclass
+class RepresentationCapture:
+    """The shared-representation points of one forward pass, in the order they were marked.
+
+    Per-task gradients with respect to the leaves are the feature-level Jacobian; one backward
+    of the originals with the combined gradient then trains the trunk.
+    """
+
+    points: list[RepresentationPoint] = field(default_factory=list)
+    _by_name: dict[str, RepresentationPoint] = field(default_factory=dict, repr=False)
+
+    def mark(self, z: Tensor, name: str, task: str | None) -> Tensor:
+        """Record ``z`` as point ``name`` (read by ``task``, or by any task) and return its leaf."""
+        leaf = z.detach().requires_grad_(True)
+        if task is None:
+            self.points.append(RepresentationPoint(name, z, {None: leaf}))
+            return leaf
+        point = self._by_name.get(name)
+        if point is None:
+            point = self._by_name[name] = RepresentationPoint(name, z)
+            self.points.append(point)
+        elif point.original is not z:
+            raise ValueError(
+                f"shared representation point {name!r} was marked with two different tensors"
+            )
+        elif task in point.leaves:
+            raise ValueError(f"shared representation point {name!r} marked twice for {task!r}")
+        point.leaves[task] = leaf
+        return leaf
+
+    def names(self) -> list[str]:
+        """The points' names, in order."""
+        return [p.name for p in self.points]
+
+    def leaves(self) -> list[Tensor]:
+        """Every leaf of every point, in order."""
+        return [leaf for p in self.points for leaf in p.leaves.values()]
 
 
 class MultiTaskModel(nn.Module, ABC):
@@ -74,17 +120,22 @@ class MultiTaskModel(nn.Module, ABC):
         self.task_names: tuple[str, ...] = tuple(tasks)
         object.__setattr__(self, "_capture", None)
 
-    def shared_representation(self, z: Tensor, name: str = "z") -> Tensor:
+    def shared_representation(self, z: Tensor, name: str = "z", task: str | None = None) -> Tensor:
         """Mark ``z`` as shared features that task-specific modules read; return what they read.
+
+        With ``task=None`` the returned tensor may be read by any task's modules. With a task
+        name, only that task's modules may read it: an architecture that calls this once per
+        task for the same ``z`` and ``name`` gives every task its own copy, and feature-level
+        methods then get all per-task gradients from **one** backward pass through the
+        task-specific modules instead of K (the contract that no other task reads a task's
+        copy is what makes this exact; the model tests check it for every architecture).
 
         Outside :func:`capture_representation` this returns ``z`` itself, at no cost.
         """
         capture = self._capture
         if capture is None or not torch.is_grad_enabled():
             return z
-        leaf = z.detach().requires_grad_(True)
-        capture.points.append((name, z, leaf))
-        return leaf
+        return capture.mark(z, name, task)
 
     @abstractmethod
     def forward(self, x: Tensor, task: str | None = None) -> dict[str, Tensor]:

@@ -423,8 +423,8 @@ def test_the_heads_read_the_marked_shared_representation() -> None:
     with capture_representation(model) as rep:
         losses = losses_of(model(x), targets)
     assert rep is not None
-    assert [name for name, _, _ in rep.points] == [f"features.{t}" for t in TASKS]
-    leaves = [leaf for _, _, leaf in rep.points]
+    assert rep.names() == [f"features.{t}" for t in TASKS]
+    leaves = rep.leaves()
     shared = list(model.shared_parameters())
     for i, (task, loss) in enumerate(losses.items()):
         to_shared = torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True)

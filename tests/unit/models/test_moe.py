@@ -366,19 +366,20 @@ def test_every_path_from_shared_to_task_modules_crosses_a_marked_point(
     with capture_representation(model) as rep:
         losses = _losses(model)
     assert rep is not None
-    assert sorted(name for name, _, _ in rep.points) == sorted(EXPECTED_POINTS[case])
+    assert sorted(rep.names()) == sorted(EXPECTED_POINTS[case])
     shared = list(model.shared_parameters())
-    leaves = [leaf for _, _, leaf in rep.points]
+    leaves = rep.leaves()
     for loss in losses.values():
         grads = torch.autograd.grad(loss, shared + leaves, allow_unused=True, retain_graph=True)
         assert not any(_nonzero(grads[: len(shared)]))  # only through the leaves
         assert any(_nonzero(grads[len(shared) :]))
-    for _, original, leaf in rep.points:  # each point is read by some task
-        assert original.shape == leaf.shape and original.grad_fn is not None
-        assert any(
-            _nonzero(torch.autograd.grad(loss, [leaf], allow_unused=True, retain_graph=True))[0]
-            for loss in losses.values()
-        )
+    for point in rep.points:  # each copy of each point is read by some task
+        for leaf in point.leaves.values():
+            assert point.original.shape == leaf.shape and point.original.grad_fn is not None
+            assert any(
+                _nonzero(torch.autograd.grad(loss, [leaf], allow_unused=True, retain_graph=True))[0]
+                for loss in losses.values()
+            )
 
 
 def _engine_grads(

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from helpers import other_copies, own_copies
 from polytask.balancing.base import BackwardContext
 from polytask.balancing.gradient import GramianWeighting
 from polytask.data.nyuv2_tasks import nyuv2_tasks
@@ -335,19 +336,25 @@ def test_mtan_marks_every_shared_tensor_the_attention_reads() -> None:
     with capture_representation(model) as rep:
         losses = _losses(model(x), targets)
     assert rep is not None
-    names = [name for name, _, _ in rep.points]
+    names = rep.names()
     assert names == [f"encoder.{j}.{k}" for j in range(5) for k in ("first", "last")] + [
         f"decoder.{d}.{k}" for d in range(5) for k in ("input", "last")
     ]
-    leaves = [leaf for _, _, leaf in rep.points]
     trunk = list(cast(nn.Module, model.backbone).parameters())
     for task, loss in losses.items():
         # the task's graph reaches the shared network only through the marked points ...
         to_trunk = torch.autograd.grad(loss, trunk, retain_graph=True, allow_unused=True)
         assert all(g is None for g in to_trunk), task
-        # ... and depends on every one of them
-        to_points = torch.autograd.grad(loss, leaves, retain_graph=True, allow_unused=True)
+        # ... depends on every one of its own copies of them ...
+        own = own_copies(rep, task)
+        assert len(own) == len(rep.points)
+        to_points = torch.autograd.grad(loss, own, retain_graph=True, allow_unused=True)
         assert all(g is not None and torch.count_nonzero(g) > 0 for g in to_points), task
+        # ... and on no other task's copy (one backward pass then separates the tasks)
+        to_others = torch.autograd.grad(
+            loss, other_copies(rep, task), retain_graph=True, allow_unused=True
+        )
+        assert all(g is None for g in to_others), task
 
 
 class _FixedWeights(GramianWeighting):
@@ -440,7 +447,7 @@ def test_mtan_wraps_an_encoder_only_backbone() -> None:
         out = model(x)
     assert rep is not None
     # the second stage has one layer: its first output is its last, marked once
-    assert [n for n, _, _ in rep.points] == ["encoder.0.first", "encoder.0.last", "encoder.1.first"]
+    assert rep.names() == ["encoder.0.first", "encoder.0.last", "encoder.1.first"]
     assert {t: tuple(v.shape) for t, v in out.items()} == {
         "semantic": (2, 13, 4, 4),
         "depth": (2, 1, 4, 4),

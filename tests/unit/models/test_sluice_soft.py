@@ -232,9 +232,9 @@ def test_sluice_partition_gradients_and_representation() -> None:
     with capture_representation(model) as rep:
         losses = losses_of(model(x), targets)
     assert rep is not None
-    names = [name for name, _, _ in rep.points]
+    names = rep.names()
     assert names == [f"{layer}.{t}" for t in TASKS for layer in model.beta_names]
-    leaves = [leaf for _, _, leaf in rep.points]
+    leaves = rep.leaves()
     params = list(model.shared_parameters())
     for i, (task, loss) in enumerate(losses.items()):
         to_shared = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)

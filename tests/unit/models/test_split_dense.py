@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from helpers import other_copies, own_copies
 from polytask.balancing.base import BackwardContext
 from polytask.balancing.gradient import GramianWeighting
 from polytask.data.nyuv2_tasks import nyuv2_tasks
@@ -315,18 +316,24 @@ def test_dense_marks_every_shared_tensor_the_task_networks_read() -> None:
     with capture_representation(model) as rep:
         losses = _losses(model(x), targets)
     assert rep is not None
-    assert [name for name, _, _ in rep.points] == [f"encoder.{j}.pooled" for j in range(4)] + [
+    assert rep.names() == [f"encoder.{j}.pooled" for j in range(4)] + [
         f"decoder.{k}.input" for k in range(5)
     ]
-    leaves = [leaf for _, _, leaf in rep.points]
     shared = [p for p in model.shared_parameters() if all(p is not u for u in _unused(model))]
     for task, loss in losses.items():
         # the task's graph reaches the shared network only through the marked points ...
         to_shared = torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True)
         assert all(g is None for g in to_shared), task
-        # ... and depends on every one of them
-        to_points = torch.autograd.grad(loss, leaves, retain_graph=True, allow_unused=True)
+        # ... depends on every one of its own copies of them ...
+        own = own_copies(rep, task)
+        assert len(own) == len(rep.points)
+        to_points = torch.autograd.grad(loss, own, retain_graph=True, allow_unused=True)
         assert all(g is not None and torch.count_nonzero(g) > 0 for g in to_points), task
+        # ... and on no other task's copy (one backward pass then separates the tasks)
+        to_others = torch.autograd.grad(
+            loss, other_copies(rep, task), retain_graph=True, allow_unused=True
+        )
+        assert all(g is None for g in to_others), task
 
 
 class _FixedWeights(GramianWeighting):

@@ -415,7 +415,7 @@ class CrossStitch(MultiTaskModel):
         names = self.task_names if task is None else (task,)
         out: dict[str, Tensor] = {}
         for name in names:
-            z = self.shared_representation(by_task[name], f"features.{name}")
+            z = self.shared_representation(by_task[name], f"features.{name}", name)
             out[name] = self._head(name)(z)
         return out
 

@@ -176,14 +176,20 @@ class Dense(MultiTaskModel):
 
     def forward(self, x: Tensor, task: str | None = None) -> dict[str, Tensor]:
         pooled, inputs = self.shared_features(x)
-        pooled = [
-            self.shared_representation(p, f"encoder.{j}.pooled") for j, p in enumerate(pooled)
-        ]
-        inputs = [self.shared_representation(v, f"decoder.{k}.input") for k, v in enumerate(inputs)]
         names = self.task_names if task is None else (task,)
-        return {
-            name: self.heads[name](self.task_features(name, x, pooled, inputs)) for name in names
-        }
+        out: dict[str, Tensor] = {}
+        for name in names:
+            # each task network reads its own copy of the shared tensors
+            own_pooled = [
+                self.shared_representation(p, f"encoder.{j}.pooled", name)
+                for j, p in enumerate(pooled)
+            ]
+            own_inputs = [
+                self.shared_representation(v, f"decoder.{k}.input", name)
+                for k, v in enumerate(inputs)
+            ]
+            out[name] = self.heads[name](self.task_features(name, x, own_pooled, own_inputs))
+        return out
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         yield from self.shared_encoder.parameters()

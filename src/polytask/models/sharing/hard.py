@@ -37,9 +37,9 @@ class HardSharing(MultiTaskModel):
         return out
 
     def forward(self, x: Tensor, task: str | None = None) -> dict[str, Tensor]:
-        z = self.shared_representation(self.encode(x))
+        z = self.encode(x)
         names = self.task_names if task is None else (task,)
-        return {name: self.decode(z, name) for name in names}
+        return {name: self.decode(self.shared_representation(z, task=name), name) for name in names}
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         return self.encoder.parameters()

@@ -119,11 +119,8 @@ class MMoE(MultiTaskModel):
         self._gate_usage: dict[str, Tensor] = {}
 
     def expert_outputs(self, x: Tensor) -> list[Tensor]:
-        """``[f_1(x), ..., f_E(x)]``, each marked as shared representation."""
-        return [
-            self.shared_representation(expert(x), f"experts.{e}")
-            for e, expert in enumerate(self.experts)
-        ]
+        """``[f_1(x), ..., f_E(x)]``."""
+        return [expert(x) for expert in self.experts]
 
     def gate_weights(self, x: Tensor, task: str) -> Tensor:
         """``g_task(x)``: the task's mixture weights, shape ``(B, num_experts)``."""
@@ -137,7 +134,11 @@ class MMoE(MultiTaskModel):
         for name in names:
             weights = self.gate_weights(x, name)
             self._gate_usage[name] = weights.detach().mean(dim=0)
-            out[name] = self.heads[name](mix_experts(weights, experts))
+            # each task mixes its own copy of the expert outputs (the shared representation)
+            own = [
+                self.shared_representation(z, f"experts.{e}", name) for e, z in enumerate(experts)
+            ]
+            out[name] = self.heads[name](mix_experts(weights, own))
         return out
 
     def gate_usage(self) -> dict[str, Tensor]:

@@ -161,25 +161,28 @@ class MTAN(MultiTaskModel):
         # validated in __init__
         return cast(StagedBackbone, self.backbone)
 
-    def _mark_pair(self, a: Tensor, b: Tensor, names: tuple[str, str]) -> tuple[Tensor, Tensor]:
-        marked = self.shared_representation(a, names[0])
+    def _mark_pair(
+        self, a: Tensor, b: Tensor, names: tuple[str, str], task: str
+    ) -> tuple[Tensor, Tensor]:
+        marked = self.shared_representation(a, names[0], task)
         # a one-layer stage's first output is its last: one point, read twice
-        return marked, marked if b is a else self.shared_representation(b, names[1])
+        return marked, marked if b is a else self.shared_representation(b, names[1], task)
 
     def forward(self, x: Tensor, task: str | None = None) -> dict[str, Tensor]:
         net = self._net()
         trace = run_stages(net, x)
-        encoder = [
-            self._mark_pair(t.first, t.last, (f"encoder.{j}.first", f"encoder.{j}.last"))
-            for j, t in enumerate(trace.encoder)
-        ]
-        decoder = [
-            self._mark_pair(t.input, t.last, (f"decoder.{d}.input", f"decoder.{d}.last"))
-            for d, t in enumerate(trace.decoder)
-        ]
         names = self.task_names if task is None else (task,)
         out: dict[str, Tensor] = {}
         for name in names:
+            # each task's attention reads its own copy of the shared tensors
+            encoder = [
+                self._mark_pair(t.first, t.last, (f"encoder.{j}.first", f"encoder.{j}.last"), name)
+                for j, t in enumerate(trace.encoder)
+            ]
+            decoder = [
+                self._mark_pair(t.input, t.last, (f"decoder.{d}.input", f"decoder.{d}.last"), name)
+                for d, t in enumerate(trace.decoder)
+            ]
             features = self.attend(name, net, encoder, decoder)
             out[name] = self.heads[name](features)
         return out

@@ -179,32 +179,27 @@ class PLE(MultiTaskModel):
             feeds_task_gates = j >= last - 1  # the task gates of this level are task-specific
             shared = [e(shared_in) for e in level.shared_experts]
             own = {t: [e(task_in[t]) for e in level.experts_of(t)] for t in active}
-            shared_read = shared
-            own_read = own
-            gate_in = task_in
-            if feeds_task_gates:
-                shared_read = [
-                    self.shared_representation(z, f"levels.{j}.shared.{i}")
-                    for i, z in enumerate(shared)
-                ]
-            if j == last - 1:  # this level's task experts (and gate inputs, j > 0) are shared
-                own_read = {
-                    t: [
-                        self.shared_representation(z, f"levels.{j}.{t}.{i}")
-                        for i, z in enumerate(zs)
-                    ]
-                    for t, zs in own.items()
-                }
-                if j > 0:
-                    gate_in = {
-                        t: self.shared_representation(z, f"levels.{j}.{t}.input")
-                        for t, z in task_in.items()
-                    }
             outputs: dict[str, Tensor] = {}
             for t in active:
-                weights = level.task_gates[t](gate_in[t] if j == 0 else _pool(gate_in[t]))
+                # each task reads its own copies of the marked tensors
+                shared_read = shared
+                own_read = own[t]
+                gate_in = task_in[t]
+                if feeds_task_gates:
+                    shared_read = [
+                        self.shared_representation(z, f"levels.{j}.shared.{i}", t)
+                        for i, z in enumerate(shared)
+                    ]
+                if j == last - 1:  # this level's task experts (and gate inputs, j > 0) are shared
+                    own_read = [
+                        self.shared_representation(z, f"levels.{j}.{t}.{i}", t)
+                        for i, z in enumerate(own_read)
+                    ]
+                    if j > 0:
+                        gate_in = self.shared_representation(gate_in, f"levels.{j}.{t}.input", t)
+                weights = level.task_gates[t](gate_in if j == 0 else _pool(gate_in))
                 self._gate_usage[j][t] = weights.detach().mean(dim=0)
-                outputs[t] = mix_experts(weights, own_read[t] + shared_read)
+                outputs[t] = mix_experts(weights, own_read + shared_read)
             if level.shared_gate is not None:
                 weights = level.shared_gate(shared_in if j == 0 else _pool(shared_in))
                 shared_usage.append(weights.detach().mean(dim=0))

@@ -259,7 +259,7 @@ class Sluice(MultiTaskModel):
             combined: Tensor | None = None
             candidates = [layers[i][t] for i in self._beta_points] + [features[t]]
             for i, (layer, z) in enumerate(zip(self.beta_names, candidates, strict=True)):
-                z = _resize(self.shared_representation(z, f"{layer}.{name}"), size)
+                z = _resize(self.shared_representation(z, f"{layer}.{name}", name), size)
                 term = self.beta[name][i] * z
                 combined = term if combined is None else combined + term
             assert combined is not None
