@@ -1,4 +1,4 @@
-"""Forward + backward + Adam step time and peak memory of every dense architecture.
+"""Forward + backward + Adam step time and peak memory of every dense-prediction architecture.
 
 Usage (the recorded results in benchmarks/results/ give the exact command):
 
@@ -33,20 +33,33 @@ from polytask.models import ARCHITECTURES, BACKBONES, MultiTaskModel
 from polytask.models.heads_dense import segnet_head
 from polytask.tasks import Task
 
-ARCHS = ["single_task", "hps", "split_wide", "split_deep", "dense", "cross_stitch", "mtan"]
+#: benchmark name -> (registered architecture, options); ``stan`` has the semantic task only
+SPECS: dict[str, tuple[str, dict[str, Any]]] = {
+    "single_task": ("single_task", {}),
+    "split_standard": ("split", {"variant": "standard"}),
+    "split_wide": ("split", {"variant": "wide"}),
+    "split_deep": ("split", {"variant": "deep"}),
+    "dense": ("dense", {}),
+    "cross_stitch": ("cross_stitch", {}),
+    "cross_stitch_reference": ("cross_stitch", {"variant": "mtan_reference"}),
+    "sluice": ("sluice", {}),
+    "soft": ("soft", {}),
+    "mtan": ("mtan", {}),
+    "stan": ("stan", {}),
+}
+ARCHS = list(SPECS)
 
 
-def nyu_tasks() -> dict[str, Task]:
-    return nyuv2_tasks()
+def nyu_tasks(arch: str) -> dict[str, Task]:
+    tasks = nyuv2_tasks()
+    return {"semantic": tasks["semantic"]} if arch == "stan" else dict(tasks)
 
 
 def build(arch: str, width: float, size: tuple[int, int]) -> MultiTaskModel:
-    name, options = arch, {}
-    if arch.startswith("split_"):
-        name, options = "split", {"variant": arch.split("_", 1)[1]}
+    name, options = SPECS[arch]
     segnet = BACKBONES.get("segnet")
     model: MultiTaskModel = ARCHITECTURES.get(name)(
-        tasks=nyu_tasks(),
+        tasks=nyu_tasks(arch),
         backbone=lambda: segnet(input_shape=(3, *size), width=width),
         head=segnet_head,
         **options,
@@ -59,7 +72,7 @@ def measure(args: argparse.Namespace, arch: str) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     size = (args.size[0], args.size[1])
     model = build(arch, args.width, size)
-    tasks = nyu_tasks()
+    tasks = nyu_tasks(arch)
     g = torch.Generator().manual_seed(0)
     b, (h, w) = args.batch, size
     x = torch.rand(b, 3, h, w, generator=g)
@@ -68,7 +81,8 @@ def measure(args: argparse.Namespace, arch: str) -> dict[str, Any]:
     depth[depth < 0.1] = 0
     normal = F.normalize(torch.randn(b, 3, h, w, generator=g), dim=1)
     targets = {"semantic": label, "depth": depth, "normal": normal}
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    opt_groups = model.optimizer_param_groups(1e-4)
+    opt = torch.optim.Adam(opt_groups, lr=1e-4)
     balancer = Equal(list(tasks))
     shared = list(model.shared_parameters())
 
@@ -76,6 +90,9 @@ def measure(args: argparse.Namespace, arch: str) -> dict[str, Any]:
         opt.zero_grad(set_to_none=True)
         out = model(x)
         losses = {t: tasks[t].compute_loss(out[t], targets[t]) for t in tasks}
+        penalty = model.regularization()  # soft sharing, sluice: never weighted
+        if penalty is not None:
+            penalty.backward(retain_graph=True)
         balancer.backward(losses, BackwardContext(shared_parameters=shared))
         opt.step()
 
@@ -134,10 +151,10 @@ def main() -> None:
         f"SegNet width {args.width}, input 3 x {args.size[0]} x {args.size[1]}, batch {args.batch}; median of "
         f"{args.repeats} blocks of {args.steps} steps after {args.warmup} warm-up steps.",
         "",
-        "| architecture | parameters | ms / step | x hps | peak RSS MiB |",
+        "| architecture | parameters | ms / step | x split (standard) | peak RSS MiB |",
         "|---|---|---|---|---|",
     ]
-    base = dict(rows).get("hps")
+    base = dict(rows).get("split_standard")
     for arch, r in rows:
         ratio = f"{r['ms'] / base['ms']:.2f}" if base else "-"
         lines.append(

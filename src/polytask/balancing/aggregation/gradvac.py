@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import torch
 from torch import Tensor
 
@@ -18,7 +19,7 @@ from ._common import (
     load_generator_state,
     task_indices,
 )
-from .pcgrad import random_task_orders
+from .pcgrad import float64_array, random_task_orders, sum_rows_in_order, visit_plan
 
 __all__ = ["GradVac", "gradvac_weights"]
 
@@ -41,6 +42,12 @@ def gradvac_weights(
     zero) the pair is skipped and its target is left unchanged; a target of exactly 1 (which
     no finite adjustment can reach) leaves the gradient unchanged but its EMA is still updated.
 
+    The rows are processed together, as in :func:`~.pcgrad.pcgrad_weights` (``K - 1``
+    sequential steps of batched NumPy operations; at step ``p`` each row ``i`` visits its own
+    ``orders[i][p]``), with the coefficients ``C`` of every adjusted row and their dot
+    products ``D = C G`` with the original gradients. The operations, and the order of every
+    sum, are those of a loop over the rows, so the results are the same to the last bit.
+
     Args:
         gramian: K x K Gramian of this step's rows.
         orders: for each row, the other rows in the order it visits them.
@@ -51,32 +58,68 @@ def gradvac_weights(
         The K coefficients (float64, on the Gramian's device) and the new K x K targets
         (float64, CPU).
     """
-    g = gramian.detach().to("cpu", torch.float64).tolist()
-    phi_hat = targets.detach().to("cpu", torch.float64).tolist()
-    k = len(g)
-    total = [0.0] * k
-    for i in range(k):
-        coef = [0.0] * k
-        coef[i] = 1.0
-        dots = list(g[i])  # <g_i^adjusted, g_l> for every l
-        sq_norm = g[i][i]
-        for j in orders[i]:
-            if sq_norm <= 0.0 or g[j][j] <= 0.0:
+    g = float64_array(gramian)
+    k = g.shape[0]
+    cols, flat = visit_plan(orders, k)
+    phi_hat = float64_array(targets).reshape(k, k).copy()
+    with np.errstate(all="ignore"):  # from pairs that are skipped or rows left unchanged
+        sq = np.diagonal(g)
+        norm = np.sqrt(sq)
+        sq_j, norm_j = sq[cols], norm[cols]  # of the row visited at each step
+        defined_j = ~(sq_j <= 0.0)  # NaNs compare false: not skipped, as in a loop
+        # each pair (i, j) is visited once: its target is read before it is updated
+        target = phi_hat.reshape(-1)[flat]
+        sin_target = np.sqrt(_positive_part(1.0 - target * target))
+        reachable = sin_target > 0.0  # a target of 1 cannot be reached
+        denominator = norm_j * sin_target
+        finite = bool(np.isfinite(g).all())
+        # Row i's coefficients and dot products are stored as column i (coef_t = C^T,
+        # dots_t = D^T): then ||g_i||^2 = sum_l C_il D_il is a sum down the columns, which
+        # NumPy adds row after row, in the order of a loop over l (and it is fast).
+        coef_t = np.eye(k)
+        g_t = np.ascontiguousarray(g.T)  # g_t[l, j] = G_jl
+        dots_t = g_t.copy()  # dots_t[l, i] = <g_i^adjusted, g_l>
+        flat_t = cols * k + np.arange(k)  # position of (orders[i][p], i) in coef_t, dots_t
+        norm_i = norm.copy()  # ||g_i^adjusted||
+        defined_i = ~(sq <= 0.0)
+        phi_all = np.zeros_like(target)  # phi_all[p, i]: the cosine of row i at step p
+        active_all = np.zeros(target.shape, dtype=bool)  # the pairs not skipped
+        for p in range(cols.shape[0]):
+            active = defined_i & defined_j[p]
+            if not active.any():
                 continue
-            norm_i, norm_j = math.sqrt(sq_norm), math.sqrt(g[j][j])
-            phi = min(1.0, max(-1.0, dots[j] / (norm_i * norm_j)))
-            target = phi_hat[i][j]
-            sin_target = math.sqrt(max(0.0, 1.0 - target * target))
-            if phi < target and sin_target > 0.0:
-                sin_phi = math.sqrt(max(0.0, 1.0 - phi * phi))
-                step = norm_i * (target * sin_phi - phi * sin_target) / (norm_j * sin_target)
-                coef[j] += step
-                dots = [d + step * r for d, r in zip(dots, g[j], strict=True)]
-                sq_norm = max(0.0, sum(c * d for c, d in zip(coef, dots, strict=True)))
-            phi_hat[i][j] = (1.0 - beta) * target + beta * phi
-        total = [t + c for t, c in zip(total, coef, strict=True)]
-    weights = torch.tensor(total, dtype=torch.float64, device=gramian.device)
-    return weights, torch.tensor(phi_hat, dtype=torch.float64).reshape(k, k)
+            active_all[p] = active
+            phi = dots_t.reshape(-1)[flat_t[p]] / (norm_i * norm_j[p])
+            # min(1, max(-1, phi)): fmax, unlike maximum, maps NaN to -1 as Python's max does
+            phi = np.fmin(np.fmax(phi, -1.0), 1.0)
+            phi_all[p] = phi
+            adjust = active & (phi < target[p]) & reachable[p]
+            if not adjust.any():
+                continue
+            sin_phi = np.sqrt(_positive_part(1.0 - phi * phi))
+            step = norm_i * (target[p] * sin_phi - phi * sin_target[p]) / denominator[p]
+            step = np.where(adjust, step, 0.0)
+            coef_t.reshape(-1)[flat_t[p]] += step
+            update = g_t.take(cols[p], axis=1) * step  # update[l, i] = step_i G_{j_i l}
+            if finite:  # the other rows get d + 0 * G_jl = d
+                dots_t += update
+            else:  # 0 * inf would give NaN
+                dots_t = np.where(adjust, dots_t + update, dots_t)
+            # max(0, c.(Gc)), added in the order of a loop: with nearly dependent gradients
+            # it is a cancellation whose rounding can decide later comparisons, and the
+            # fixed order gives the same result to the last bit
+            sq_norm = _positive_part((coef_t * dots_t).sum(axis=0))
+            norm_i = np.where(adjust, np.sqrt(sq_norm), norm_i)
+            defined_i = np.where(adjust, sq_norm > 0.0, defined_i)
+        ema = (1.0 - beta) * target + beta * phi_all
+    phi_hat.reshape(-1)[flat.reshape(-1)] = np.where(active_all, ema, target).reshape(-1)
+    weights = torch.from_numpy(sum_rows_in_order(coef_t.T)).to(gramian.device)
+    return weights, torch.from_numpy(phi_hat)
+
+
+def _positive_part(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """``max(0, x)`` elementwise, NaN -> 0 as with Python's ``max(0.0, x)`` (``fmax``)."""
+    return np.fmax(x, 0.0)
 
 
 @BALANCERS.register("gradvac")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import torch
 from torch import Tensor
 
@@ -42,6 +44,56 @@ def random_task_orders(
     return orders
 
 
+def visit_plan(
+    orders: Sequence[Sequence[int]], k: int
+) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+    """The visiting orders of ``k`` rows as two ``m x k`` index arrays, one row per step.
+
+    All the rows advance in lockstep: at step ``p`` row ``i`` visits ``orders[i][p]``, so
+    every row must visit the same number ``m`` of rows (``k - 1`` with
+    :func:`random_task_orders`), each at most once.
+
+    Returns:
+        ``cols[p, i] = orders[i][p]`` and ``flat[p, i] = i * k + orders[i][p]``, the position
+        of the visited pair ``(i, orders[i][p])`` in a flattened (C-contiguous) ``k x k``
+        array.
+    """
+    if len(orders) != k:
+        raise ValueError(f"expected {k} visiting orders (one per row), found {len(orders)}")
+    lengths = {len(order) for order in orders}
+    if len(lengths) > 1:
+        raise ValueError(f"the visiting orders must all have the same length, found {lengths}")
+    m = lengths.pop() if lengths else 0
+    order = np.array([list(order) for order in orders], dtype=np.intp).reshape(k, m)
+    if m:
+        ordered = np.sort(order, axis=1)
+        if (
+            ordered[:, 0].min() < 0
+            or ordered[:, -1].max() >= k
+            or (ordered[:, 1:] == ordered[:, :-1]).any()
+        ):
+            raise ValueError(f"each visiting order must list distinct rows in [0, {k})")
+    cols = np.ascontiguousarray(order.T)
+    return cols, cols + np.arange(k, dtype=np.intp) * k
+
+
+def float64_array(tensor: Tensor) -> npt.NDArray[np.float64]:
+    """``tensor`` as a float64 NumPy array on the CPU (it may share the tensor's memory)."""
+    return tensor.detach().to("cpu", torch.float64).numpy(force=True)
+
+
+def sum_rows_in_order(coef: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """The sum of the rows of ``coef``, added one row after the other.
+
+    An accumulation, which is sequential, where ``coef.sum(axis=0)`` may add the rows in
+    another order: the result is the same, to the last bit, as accumulating them in a loop.
+    """
+    if coef.shape[0] == 0:
+        return np.zeros(coef.shape[1])
+    total: npt.NDArray[np.float64] = np.cumsum(coef, axis=0)[-1]
+    return total
+
+
 def pcgrad_weights(gramian: Tensor, orders: Sequence[Sequence[int]]) -> Tensor:
     """PCGrad's coefficients ``w`` (the result is ``sum_k w_k g_k``) from the Gramian.
 
@@ -52,22 +104,39 @@ def pcgrad_weights(gramian: Tensor, orders: Sequence[Sequence[int]]) -> Tensor:
     Dot products are read from the Gramian: ``<sum_l c_l g_l, g_j> = (c^T G)_j``. The sum of
     the projected rows is returned. No epsilon: a zero gradient ``g_j`` (``G_jj = 0``) has no
     conflict with anything and is skipped. Computed in float64 on the CPU.
+
+    The rows do not depend on each other, so they are processed together, in ``K - 1``
+    sequential steps of batched array operations: at step ``p`` each row ``i`` visits its own
+    ``orders[i][p]``. ``D = C G`` holds the dot products of the projected rows (the rows of
+    ``C`` are their coefficients) with the original gradients. The arrays are NumPy's, whose
+    per-operation overhead on such small arrays is a fraction of torch's. The operations, and
+    the order of the final sum over the rows, are those of a loop over the rows, so the
+    result is the same to the last bit.
     """
-    g = gramian.detach().to("cpu", torch.float64).tolist()
-    k = len(g)
-    total = [0.0] * k
-    for i in range(k):
-        coef = [0.0] * k
-        coef[i] = 1.0
-        dots = list(g[i])  # <g_i^PC, g_l> for every l
-        for j in orders[i]:
-            if dots[j] < 0.0 and g[j][j] > 0.0:
-                step = dots[j] / g[j][j]
-                coef[j] -= step
-                row = g[j]
-                dots = [d - step * r for d, r in zip(dots, row, strict=True)]
-        total = [t + c for t, c in zip(total, coef, strict=True)]
-    return torch.tensor(total, dtype=torch.float64, device=gramian.device)
+    g = float64_array(gramian)
+    k = g.shape[0]
+    cols, flat = visit_plan(orders, k)
+    sq_j = np.diagonal(g)[cols]  # ||g_j||^2 of the row visited at each step
+    nonzero_j = sq_j > 0.0
+    finite = bool(np.isfinite(g).all())
+    dots = g.copy()  # dots[i, l] = <g_i^PC, g_l>
+    steps = np.zeros_like(sq_j)  # steps[p, i]: multiple of g_j removed from g_i at step p
+    with np.errstate(all="ignore"):  # from rows that are left unchanged
+        for p in range(cols.shape[0]):
+            dot = dots.reshape(-1)[flat[p]]
+            conflict = (dot < 0.0) & nonzero_j[p]
+            if not conflict.any():
+                continue
+            step = np.where(conflict, dot / sq_j[p], 0.0)
+            steps[p] = step
+            update = step[:, None] * g[cols[p]]
+            if finite:  # the other rows get d - 0 * G_jl = d
+                dots -= update
+            else:  # 0 * inf would give NaN
+                dots = np.where(conflict[:, None], dots - update, dots)
+    coef = np.eye(k)  # coef[i]: coefficients of the projected g_i
+    coef.reshape(-1)[flat.reshape(-1)] -= steps.reshape(-1)  # each pair (i, j) visited once
+    return torch.from_numpy(sum_rows_in_order(coef)).to(gramian.device)
 
 
 @BALANCERS.register("pcgrad")
