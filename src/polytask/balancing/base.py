@@ -13,6 +13,15 @@ an optimizer parameter group of their own), everything else is returned by
 Hooks the trainer calls: :meth:`~Balancer.on_epoch_start`, :meth:`~Balancer.on_epoch_end`
 (with the epoch's unweighted mean training losses, for epoch-level methods such as DWA) and
 :meth:`~Balancer.after_optimizer_step`.
+
+Several processes: a method's state must stay identical on every process, so it is updated
+only from global quantities. Gradient methods read the complete Jacobian
+(:meth:`~polytask.balancing.gradient.GradientBalancer.synchronize`); a state update that reads
+per-step losses (FAMO, GradNorm, DWA's window mode) reads them through
+:meth:`~Balancer.reduce_losses`, which a multi-process trainer points at a collective by
+setting :attr:`~Balancer.loss_reducer`. The epoch means given to ``on_epoch_end`` are the
+trainer's, already global. Gradients of a balancer's own parameters are ordinary gradients,
+reduced like the model's.
 """
 
 from __future__ import annotations
@@ -69,6 +78,10 @@ class Balancer(nn.Module, ABC):
     #: learning rate of the balancer's own parameters (None: the model's learning rate)
     lr: float | None = None
 
+    #: set by a multi-process trainer: maps this process's per-task losses to their means
+    #: over all processes (see :meth:`reduce_losses`); None in a single process
+    loss_reducer: Callable[[Mapping[str, Tensor]], Mapping[str, Tensor]] | None = None
+
     def __init__(self, tasks: Sequence[str]) -> None:
         super().__init__()
         if not tasks:
@@ -107,6 +120,24 @@ class Balancer(nn.Module, ABC):
         ``losses`` are the step's tasks' losses on the same batch after the update (detached),
         given only when :attr:`needs_post_step_losses` is true.
         """
+
+    def reduce_losses(self, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The detached per-task losses a state update may read: their means over all
+        training processes (this process's values in a single process).
+
+        Every method whose state follows the losses of a step calls this, so that the state
+        stays identical on every process; :attr:`loss_reducer` does the reduction.
+        """
+        detached = {t: v.detach() for t, v in losses.items()}
+        reducer = self.loss_reducer
+        if reducer is None:
+            return detached
+        reduced = dict(reducer(detached))
+        if reduced.keys() != detached.keys():
+            raise ValueError(
+                f"loss_reducer returned tasks {sorted(reduced)} for losses of {sorted(detached)}"
+            )
+        return reduced
 
     def get_extra_state(self) -> dict[str, Any]:
         """Non-tensor state (histories, counters) saved with checkpoints; override to add."""

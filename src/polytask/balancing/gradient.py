@@ -141,7 +141,7 @@ class GradientBalancer(Balancer):
         :class:`GramianWeighting` and the diagnostics share one computation per step.
         """
         if self._gramian is not None and self._gramian_of is jacobian:
-            return self._gramian
+            return self._gramian  # within one step (backward resets it before each step)
         if self.gramian_precision == "float32" or jacobian.dtype == torch.float64:
             gramian = (jacobian @ jacobian.T).double()
         else:
@@ -171,6 +171,8 @@ class GradientBalancer(Balancer):
         if scale != 1.0:
             jacobian.div_(scale)
         jacobian = self.synchronize(jacobian)
+        # the buffer is the same tensor every step: drop the previous step's Gramian
+        self._gramian = self._gramian_of = None
         gramian = self.gramian(jacobian)
         # an inf or NaN anywhere in J shows in its Gramian: a K x K check instead of K x N
         if bool(torch.isfinite(gramian).all()) or bool(torch.isfinite(jacobian).all()):

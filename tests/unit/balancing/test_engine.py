@@ -142,3 +142,44 @@ def test_loss_scaling_is_undone_before_the_method_and_redone_for_the_optimizer()
     plain = _run(Recorder(list(TASKS)), False)
     for name in plain:
         torch.testing.assert_close(scaled[name], plain[name] * 1024.0, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("feature", [False, True], ids=["parameter", "feature"])
+def test_every_step_sees_its_own_gramian(feature: bool) -> None:
+    """The Jacobian buffer is reused from step to step; the Gramian must not be."""
+    balancer = Recorder(list(TASKS), "feature" if feature else "parameter")
+    model = _model()
+    shared = list(model.shared_parameters())
+    others = [p for p in model.parameters() if all(p is not s for s in shared)]
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        x = torch.randn(10, 6, generator=g)
+        y = {t: torch.randint(0, 4, (10,), generator=g) for t in TASKS}
+        model.zero_grad()
+        with capture_representation(model, feature) as rep:
+            out = model(x)
+        losses = {t: TASKS[t].compute_loss(out[t], y[t]) for t in TASKS}
+        if feature:
+            z = model.encode(x)
+            rows = [
+                torch.autograd.grad(losses_t, z)[0]
+                for losses_t in (TASKS[t].compute_loss(model.decode(z, t), y[t]) for t in TASKS)
+            ]
+        else:
+            rows = [
+                torch.cat(
+                    [
+                        gr.flatten()
+                        for gr in torch.autograd.grad(losses[t], shared, retain_graph=True)
+                    ]
+                )
+                for t in TASKS
+            ]
+        j = torch.stack([r.flatten() for r in rows]).double()
+        ctx = BackwardContext(shared_parameters=shared, other_parameters=others, representation=rep)
+        balancer.backward(losses, ctx)
+        assert balancer.seen is not None
+        torch.testing.assert_close(balancer.seen, j @ j.T, rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(
+            balancer.diagnostics()["gramian"], (j @ j.T).float(), rtol=1e-5, atol=1e-7
+        )

@@ -95,7 +95,8 @@ class GradNorm(GradientBalancer):
     def backward(self, losses: Mapping[str, Tensor], ctx: BackwardContext) -> dict[str, Tensor]:
         names = list(losses)
         index = torch.tensor(task_indices(self.task_names, names))
-        current = torch.stack([losses[t].detach().double() for t in names])
+        reduced = self.reduce_losses(losses)
+        current = torch.stack([reduced[t].double() for t in names])
         initial = self.initial_losses.to(current.device)
         seen = initial[index]
         initial[index] = torch.where(torch.isnan(seen), current, seen)

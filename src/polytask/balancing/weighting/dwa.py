@@ -146,6 +146,7 @@ class DWA(LossWeighting):
     @torch.no_grad()
     def _record(self, losses: Mapping[str, Tensor]) -> None:
         buffer = self.window_losses
+        losses = self.reduce_losses(losses)
         for t, i in zip(losses, self._positions(losses), strict=True):
             row = buffer[i]
             row.copy_(torch.cat((row[1:], losses[t].detach().reshape(1).to(buffer.dtype))))

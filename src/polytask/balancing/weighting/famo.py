@@ -191,7 +191,7 @@ class FAMO(LossWeighting):
 
     def backward(self, losses: Mapping[str, Tensor], ctx: BackwardContext) -> dict[str, Tensor]:
         weights = super().backward(losses, ctx)
-        self._before = {t: v.detach() for t, v in losses.items()}
+        self._before = self.reduce_losses(losses)
         return weights
 
     @torch.no_grad()
@@ -205,6 +205,7 @@ class FAMO(LossWeighting):
         if self._before is None:
             raise ValueError("FAMO.after_optimizer_step was called before FAMO.backward.")
         before, self._before = self._before, None
+        losses = self.reduce_losses(losses)
         names = self._ordered(t for t in before if t in losses)
         if not names:
             return
