@@ -24,12 +24,15 @@ subproblem is positive definite). No regulariser is added anywhere.
 
 Numerical conventions:
 
-* Everything runs on the CPU in float64: the matrices are K x K, so moving one to the CPU
-  (one device synchronisation per step) costs far less than a loop of tiny kernels. The
-  work runs with a single intra-op thread (:func:`single_thread`): at this size waking
-  worker threads costs far more than the arithmetic, and on a machine whose cores are busy
-  (data-loading workers, other jobs) it made the solvers 15-20 times slower (K = 3 MGDA:
-  48 ms instead of 2 ms on a loaded 2-core machine).
+* Everything runs on the CPU in float64, in NumPy: the matrices are K x K, so moving one to
+  the CPU (one device synchronisation per step) costs far less than a loop of tiny kernels,
+  and on arrays this small a NumPy operation costs a fraction of a torch one (0.3-1 us
+  against 1.5-5 us), which is most of the solvers' time. Tensors come in and go out (the
+  results on the Gramian's device). No torch intra-op threads are involved; NumPy's BLAS
+  (OpenBLAS) keeps its own threading, and at these sizes one or two threads made no
+  measurable difference. (:func:`single_thread` stays for other methods' tiny torch
+  computations: with torch, waking worker threads costs far more than the arithmetic, and on
+  a machine whose cores are busy it made these solvers 15-20 times slower.)
 * The Gramian is first reduced to the correlation matrix ``C = N^-1 G N^-1`` with
   ``N = diag(||g_k||)``. Both problems have an exact change of variables to ``C``, which makes
   the result invariant to the scale of every task's gradient (not just to a global scale), keeps
@@ -46,12 +49,17 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
+import numpy.typing as npt
 import torch
 from torch import Tensor
 
 __all__ = ["correlation", "dual_cone_weights", "min_norm_weights", "nnqp", "single_thread"]
 
-_EPS = float(torch.finfo(torch.float64).eps)
+_EPS = float(np.finfo(np.float64).eps)
+
+_Float = npt.NDArray[np.float64]
+_Bool = npt.NDArray[np.bool_]
 
 
 @contextmanager
@@ -59,7 +67,8 @@ def single_thread() -> Iterator[None]:
     """Run the enclosed tiny CPU computations with one intra-op thread, then restore.
 
     Only with PyTorch's OpenMP threading backend, where the setting is cheap to change (the
-    native thread pool refuses changes once started).
+    native thread pool refuses changes once started). The solvers of this module no longer
+    need it (they run in NumPy); other methods' tiny torch computations use it.
     """
     threads = torch.get_num_threads()
     openmp = torch.backends.openmp.is_available()  # type: ignore[no-untyped-call]
@@ -73,13 +82,33 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _to_cpu_float64(gramian: Tensor) -> Tensor:
+def _float64(tensor: Tensor) -> _Float:
+    """``tensor`` as a float64 NumPy array on the CPU (it may share the tensor's memory)."""
+    return tensor.detach().to(device="cpu", dtype=torch.float64).numpy(force=True)
+
+
+def _symmetric(gramian: Tensor) -> _Float:
     if gramian.ndim != 2 or gramian.shape[0] != gramian.shape[1]:
         raise ValueError(f"expected a square K x K Gramian, found shape {tuple(gramian.shape)}")
-    g = gramian.detach().to(device="cpu", dtype=torch.float64)
-    if not bool(torch.isfinite(g).all()):
+    g = _float64(gramian)
+    if not bool(np.isfinite(g).all()):
         raise ValueError("the Gramian has non-finite entries")
-    return (g + g.T) / 2
+    sym: _Float = (g + g.T) / 2
+    return sym
+
+
+def _correlation(gramian: Tensor) -> tuple[_Float, _Bool, _Float]:
+    """:func:`correlation` as NumPy arrays."""
+    g = _symmetric(gramian)
+    norms: _Float = np.sqrt(np.maximum(np.diagonal(g), 0.0))
+    nonzero: _Bool = norms > 0
+    if bool(nonzero.all()):
+        n, sub = norms, g
+    else:
+        n, sub = norms[nonzero], g[np.ix_(nonzero, nonzero)]
+    c: _Float = np.clip(sub / (n[:, None] * n[None, :]), -1.0, 1.0)
+    np.fill_diagonal(c, 1.0)
+    return norms, nonzero, c
 
 
 def correlation(gramian: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -89,13 +118,70 @@ def correlation(gramian: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     non-zero gradient, and the correlation matrix ``C_ij = G_ij / (|g_i| |g_j|)`` restricted to
     those tasks (unit diagonal, entries clamped to [-1, 1]).
     """
-    g = _to_cpu_float64(gramian)
-    norms = g.diagonal().clamp_min(0.0).sqrt()
-    nonzero = norms > 0
-    n = norms[nonzero]
-    c = (g[nonzero][:, nonzero] / (n[:, None] * n[None, :])).clamp(-1.0, 1.0)
-    c.fill_diagonal_(1.0)
-    return norms, nonzero, c
+    norms, nonzero, c = _correlation(gramian)
+    return torch.from_numpy(norms), torch.from_numpy(nonzero), torch.from_numpy(c)
+
+
+def _cholesky_solve(system: _Float, rhs: _Float) -> tuple[_Float, _Bool]:
+    """Solve every ``system[i] z_i = rhs[i]`` by Cholesky; also say which factorisations failed.
+
+    ``system`` is m x w x w, ``rhs`` m x w. A failed factorisation (a system that is not
+    numerically positive definite: LAPACK's ``potrf`` info != 0, as in
+    ``torch.linalg.cholesky_ex``) gives ``failed[i]`` and a zero solution. NumPy's batched
+    Cholesky raises if any system fails, so on a failure (rare) the systems are factored one
+    by one to find which. NumPy has no triangular solve: the two triangular systems are
+    solved with ``np.linalg.solve`` (LU of the factor); one whose factor LU calls singular
+    (only possible through rounding, the factor's diagonal being positive) counts as failed.
+    """
+    try:
+        return _factor_and_solve(system, rhs), np.zeros(len(system), dtype=np.bool_)
+    except np.linalg.LinAlgError:
+        pass
+    solution = np.zeros_like(rhs)
+    failed = np.zeros(len(system), dtype=np.bool_)
+    for i in range(len(system)):
+        try:
+            solution[i] = _factor_and_solve(system[i], rhs[i])
+        except np.linalg.LinAlgError:
+            failed[i] = True
+    return solution, failed
+
+
+def _factor_and_solve(system: _Float, rhs: _Float) -> _Float:
+    factor = np.linalg.cholesky(system)
+    half = np.linalg.solve(factor, rhs[..., None])
+    solution: _Float = np.linalg.solve(np.swapaxes(factor, -1, -2), half)[..., 0]
+    return solution
+
+
+def _passive_solve(
+    q: _Float, lin: _Float, passive: _Bool, sel: npt.NDArray[np.intp], eye: _Float
+) -> tuple[_Float, _Bool]:
+    """``z`` with ``q_PP z_P = -lin_P`` and ``z = 0`` off ``P``, for the problems ``sel``.
+
+    Returns ``z`` (B x n, zero in the rows not in ``sel``) and the rows whose subproblem could
+    not be factored. Only the problems still being solved are factored (the others' results
+    would be discarded), and each system is the passive block alone (its variables in their
+    order, padded with the identity up to the largest passive set of the batch): the same
+    solutions as the identity-padded n x n systems of all B problems, for less work.
+    """
+    b, n = passive.shape
+    p = passive[sel]
+    size = p.sum(axis=1)
+    w = max(int(size.max()), 1)
+    # the passive variables first, in increasing order (a stable sort of "not passive")
+    var = np.argsort(~p, axis=1, kind="stable")[:, :w]
+    keep = np.arange(w) < size[:, None]
+    system = np.where(
+        keep[:, :, None] & keep[:, None, :], q[var[:, :, None], var[:, None, :]], eye[:w, :w]
+    )
+    rhs = np.where(keep, -lin[sel[:, None], var], 0.0)
+    solution, bad = _cholesky_solve(system, rhs)
+    z = np.zeros((b, n))
+    z[sel[:, None], var] = np.where(keep, solution, 0.0)
+    failed = np.zeros(b, dtype=np.bool_)
+    failed[sel] = bad
+    return z, failed
 
 
 def nnqp(q: Tensor, lin: Tensor, max_iter: int | None = None) -> Tensor:
@@ -122,51 +208,56 @@ def nnqp(q: Tensor, lin: Tensor, max_iter: int | None = None) -> Tensor:
     guard against cycling through rounding; reaching it (or a subproblem that turns
     singular after its first solve, which exact arithmetic rules out) is reported with a
     ``RuntimeWarning`` and the last (feasible) iterates are returned.
+
+    The work is done in NumPy (float64); the result is a CPU float64 tensor.
     """
+    x = _nnqp(_float64(q), _float64(lin), max_iter, stacklevel=3)
+    return torch.from_numpy(x)
+
+
+def _nnqp(q: _Float, lin: _Float, max_iter: int | None, stacklevel: int = 2) -> _Float:
+    """:func:`nnqp` on NumPy arrays; ``stacklevel`` is that of its warnings."""
     b, n = lin.shape
     limit = 10 * n + 20 if max_iter is None else max_iter
-    x = lin.new_zeros(b, n)
-    passive = torch.zeros(b, n, dtype=torch.bool)
-    skipped = torch.zeros(b, n, dtype=torch.bool)
-    done = torch.zeros(b, dtype=torch.bool)
-    inner = torch.zeros(b, dtype=torch.bool)
-    entering = torch.zeros(b, dtype=torch.bool)
-    t = torch.zeros(b, dtype=torch.long)
-    identity = torch.eye(n, dtype=torch.bool)
-    abs_q, abs_lin = q.abs(), lin.abs()
-    rows = torch.arange(b)
-    stuck = torch.zeros(b, dtype=torch.bool)
+    x = np.zeros((b, n))
+    passive = np.zeros((b, n), dtype=np.bool_)
+    skipped = np.zeros((b, n), dtype=np.bool_)
+    done = np.zeros(b, dtype=np.bool_)
+    inner = np.zeros(b, dtype=np.bool_)
+    entering = np.zeros(b, dtype=np.bool_)
+    t = np.zeros(b, dtype=np.intp)
+    eye = np.eye(n)
+    abs_q, abs_lin = np.abs(q), np.abs(lin)
+    scale = 16 * n * _EPS
+    rows = np.arange(b)
+    stuck = np.zeros(b, dtype=np.bool_)
     for _ in range(limit):
         outer = ~done & ~inner
         if bool(outer.any()):
             dual = -(x @ q + lin)
-            tol = 16 * n * _EPS * (x.abs() @ abs_q + abs_lin)
+            tol = scale * (np.abs(x) @ abs_q + abs_lin)
             candidates = outer[:, None] & ~passive & ~skipped & (dual > tol)
-            found = candidates.any(dim=1)
+            found = candidates.any(axis=1)
             done |= outer & ~found
             new = outer & found
-            t = torch.where(new, torch.where(candidates, dual, -torch.inf).argmax(dim=1), t)
+            t = np.where(new, np.where(candidates, dual, -np.inf).argmax(axis=1), t)
             passive[rows[new], t[new]] = True
             inner |= new
             entering = new
         active = ~done & inner
-        if not bool(active.any()):
+        sel = np.flatnonzero(active)
+        if sel.size == 0:
             if bool(stuck.any()):
                 warnings.warn(
                     "the active-set QP solver met a numerically singular subproblem and kept "
                     "its last feasible iterate, which may not be optimal",
                     RuntimeWarning,
-                    stacklevel=2,
+                    stacklevel=stacklevel,
                 )
             return x
-        both = passive[:, :, None] & passive[:, None, :]
-        system = torch.where(both, q, 0.0) + (identity & ~passive[:, None, :]).to(q.dtype)
-        factor, info = torch.linalg.cholesky_ex(system)
-        rhs = torch.where(passive, -lin, 0.0)[:, :, None]
-        z = torch.where(passive, torch.cholesky_solve(rhs, factor)[:, :, 0], 0.0)
-        failed = active & (info != 0)
-        accept = active & ~failed & ((z > 0) | ~passive).all(dim=1)
-        x = torch.where(accept[:, None], z, x)
+        z, failed = _passive_solve(q, lin, passive, sel, eye)
+        accept = active & ~failed & ((z > 0) | ~passive).all(axis=1)
+        x = np.where(accept[:, None], z, x)
         inner &= ~accept
         z_t = z[rows, t]
         undo = active & ~accept & entering & (failed | (z_t <= 0))
@@ -180,12 +271,15 @@ def nnqp(q: Tensor, lin: Tensor, max_iter: int | None = None) -> Tensor:
         move = active & ~accept & ~undo & ~failed
         if bool(move.any()):
             blocking = move[:, None] & passive & (z <= 0)
-            ratio = torch.where(blocking, x / (x - torch.where(blocking, z, -1.0)), torch.inf)
-            step, k = ratio.min(dim=1)
-            stepped = x + step.clamp(max=1.0)[:, None] * (z - x)
+            # 0 / 0 (a blocking variable already at 0) gives NaN, as in the torch original
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = np.where(blocking, x / (x - np.where(blocking, z, -1.0)), np.inf)
+            k = ratio.argmin(axis=1)
+            step = ratio[rows, k]
+            stepped = x + np.minimum(step, 1.0)[:, None] * (z - x)
             stepped[rows, k] = 0.0
             leaving = move[:, None] & passive & (stepped <= 0)
-            x = torch.where(move[:, None], stepped.clamp_min(0.0), x)
+            x = np.where(move[:, None], np.maximum(stepped, 0.0), x)
             passive &= ~leaving
         skipped &= ~(accept | move)[:, None]
         entering &= ~active
@@ -193,7 +287,7 @@ def nnqp(q: Tensor, lin: Tensor, max_iter: int | None = None) -> Tensor:
         f"the active-set QP solver stopped after {limit} subproblem solves without meeting "
         "its optimality test; the result is feasible but may not be optimal",
         RuntimeWarning,
-        stacklevel=2,
+        stacklevel=stacklevel,
     )
     return x
 
@@ -217,15 +311,14 @@ def min_norm_weights(gramian: Tensor) -> Tensor:
     the weights are spread equally over the zero-gradient tasks (every optimal ``w`` gives
     the same, zero, combined gradient; this choice is symmetric in the tasks).
     """
-    with single_thread():
-        norms, nonzero, c = correlation(gramian)
-        if not bool(nonzero.all()):
-            zero = (~nonzero).to(torch.float64)
-            return (zero / zero.sum()).to(gramian.device)
-        a = norms.min() / norms
-        v = nnqp(c + a[:, None] * a[None, :], -a[None, :])[0]
-        w = v / norms
-        return (w / w.sum()).to(gramian.device)
+    norms, nonzero, c = _correlation(gramian)
+    if not bool(nonzero.all()):
+        zero = (~nonzero).astype(np.float64)
+        return torch.from_numpy(zero / zero.sum()).to(gramian.device)
+    a = norms.min() / norms
+    v = _nnqp(c + a[:, None] * a[None, :], -a[None, :], None)[0]
+    w = v / norms
+    return torch.from_numpy(w / w.sum()).to(gramian.device)
 
 
 def dual_cone_weights(gramian: Tensor) -> Tensor:
@@ -242,15 +335,18 @@ def dual_cone_weights(gramian: Tensor) -> Tensor:
     other tasks' problems its coefficient stays at its lower bound 0 (it does not change
     ``J^T u``).
     """
-    k = gramian.shape[0]
-    with single_thread():
-        norms, nonzero, c = correlation(gramian)
-        out = torch.zeros(k, k, dtype=torch.float64)
-        idx = nonzero.nonzero().squeeze(1)
-        zero = (~nonzero).nonzero().squeeze(1)
+    norms, nonzero, c = _correlation(gramian)
+    k = norms.shape[0]
+    if bool(nonzero.all()):
+        u = np.eye(k) + _nnqp(c, c, None)
+        out = norms[:, None] * u / norms[None, :]
+    else:
+        out = np.zeros((k, k))
+        idx = np.flatnonzero(nonzero)
+        zero = np.flatnonzero(~nonzero)
         out[zero, zero] = 1.0
-        if idx.numel() > 0:
-            u = torch.eye(idx.numel(), dtype=torch.float64) + nnqp(c, c)
+        if idx.size > 0:
+            u = np.eye(idx.size) + _nnqp(c, c, None)
             n = norms[idx]
-            out[idx[:, None], idx[None, :]] = n[:, None] * u / n[None, :]
-    return out.to(gramian.device)
+            out[np.ix_(idx, idx)] = n[:, None] * u / n[None, :]
+    return torch.from_numpy(out).to(gramian.device)
