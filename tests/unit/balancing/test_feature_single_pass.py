@@ -91,6 +91,19 @@ def _losses(model: MultiTaskModel, image: bool) -> dict[str, Tensor]:
     return {t: tasks[t].compute_loss(out[t], y[t]) for t in tasks}
 
 
+def _count_grad_calls(monkeypatch: pytest.MonkeyPatch) -> list[None]:
+    """Patch ``torch.autograd.grad`` to append to the returned list at every call."""
+    calls: list[None] = []
+    real: Callable[..., Any] = torch.autograd.grad
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting)
+    return calls
+
+
 def _step(
     arch: str,
     image: bool,
@@ -109,22 +122,14 @@ def _step(
     balancer = BALANCERS.get("upgrad")(tasks=list(losses), level="feature")
     assert isinstance(balancer, GradientBalancer)
     balancer.feature_single_pass = single_pass
-    calls = 0
-    real: Callable[..., Any] = torch.autograd.grad
-
-    def counting(*args: Any, **kwargs: Any) -> Any:
-        nonlocal calls
-        calls += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(torch.autograd, "grad", counting)
+    calls = _count_grad_calls(monkeypatch)
     weights = balancer.backward(
         losses,
         BackwardContext(shared_parameters=shared, other_parameters=others, representation=rep),
     )
     monkeypatch.undo()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return grads, weights, calls, balancer.diagnostics()["gramian"]
+    return grads, weights, len(calls), balancer.diagnostics()["gramian"]
 
 
 @pytest.mark.parametrize(
@@ -184,20 +189,12 @@ def test_a_point_every_task_reads_falls_back_to_one_pass_per_task(
     shared = list(model.shared_parameters())
     others = [p for p in model.parameters() if all(p is not s for s in shared)]
     balancer = BALANCERS.get("mgda")(tasks=list(losses), level="feature")
-    calls = 0
-    real = torch.autograd.grad
-
-    def counting(*args: Any, **kwargs: Any) -> Any:
-        nonlocal calls
-        calls += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(torch.autograd, "grad", counting)
+    calls = _count_grad_calls(monkeypatch)
     balancer.backward(
         losses,
         BackwardContext(shared_parameters=shared, other_parameters=others, representation=rep),
     )
-    assert calls == 3
+    assert len(calls) == 3
 
 
 def test_marking_one_point_with_two_tensors_or_twice_for_a_task_is_an_error() -> None:
