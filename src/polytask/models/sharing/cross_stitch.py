@@ -368,14 +368,7 @@ class CrossStitch(MultiTaskModel):
         self.variant = variant
         self.lr_multiplier = float(lr_multiplier)
 
-        columns: dict[str, nn.Module] = {}
-        nets: list[StagedBackbone] = []
-        for name, task in tasks.items():
-            net = as_staged(backbone(), needed_by=f"architecture {arch}")
-            nets.append(net)
-            columns[name] = nn.Sequential(cast(nn.Module, net), head(task, net.out_features))
-        _check_same_stages(nets, arch)
-        self.columns = nn.ModuleDict(columns)
+        self.columns, nets = staged_columns(tasks, backbone, head, arch)
 
         points = mixing_points(nets[0])
         widths = point_widths(nets[0])
@@ -455,6 +448,21 @@ class CrossStitch(MultiTaskModel):
 
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
         yield from self._head(task).parameters()
+
+
+def staged_columns(
+    tasks: Mapping[str, Task], backbone: BackboneFactory, head: HeadFactory, arch: str
+) -> tuple[nn.ModuleDict, list[StagedBackbone]]:
+    """One column per task (a fresh staged backbone followed by the task's head), and the
+    backbones, checked to have the same stages (cross-stitch and sluice mix them)."""
+    columns: dict[str, nn.Module] = {}
+    nets: list[StagedBackbone] = []
+    for name, task in tasks.items():
+        net = as_staged(backbone(), needed_by=f"architecture {arch}")
+        nets.append(net)
+        columns[name] = nn.Sequential(cast(nn.Module, net), head(task, net.out_features))
+    _check_same_stages(nets, arch)
+    return nn.ModuleDict(columns), nets
 
 
 def _check_same_stages(nets: Sequence[StagedBackbone], arch: str) -> None:

@@ -61,17 +61,17 @@ from torch import Tensor, nn
 
 from ...errors import ConfigError
 from ...tasks import Task
-from ..backbones.staged import StagedBackbone, as_staged
+from ..backbones.staged import StagedBackbone
 from ..base import ARCHITECTURES, BackboneFactory, HeadFactory, MultiTaskModel
 from .cross_stitch import (
     Placement,
     _check_choice,
     _check_init,
-    _check_same_stages,
     convex_mixing_matrix,
     mixing_points,
     point_widths,
     run_columns,
+    staged_columns,
 )
 
 __all__ = ["Sluice", "SluiceUnit", "subspace_orthogonality"]
@@ -191,14 +191,7 @@ class Sluice(MultiTaskModel):
         self.placement: Placement = placement
         self.orthogonality_weight = float(orthogonality_weight)
 
-        columns: dict[str, nn.Module] = {}
-        nets: list[StagedBackbone] = []
-        for name, task in tasks.items():
-            net = as_staged(backbone(), needed_by=f"architecture {arch}")
-            nets.append(net)
-            columns[name] = nn.Sequential(cast(nn.Module, net), head(task, net.out_features))
-        _check_same_stages(nets, arch)
-        self.columns = nn.ModuleDict(columns)
+        self.columns, nets = staged_columns(tasks, backbone, head, arch)
 
         points = mixing_points(nets[0])
         widths = point_widths(nets[0])
