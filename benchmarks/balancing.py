@@ -5,13 +5,14 @@ Usage (the recorded results in benchmarks/results/ give the exact command):
     python benchmarks/balancing.py --setting mlp --tasks 3 10 40 --out benchmarks/results/balancing-mlp-cpu.md
     python benchmarks/balancing.py --setting mtan --out benchmarks/results/balancing-mtan-cpu.md
 
-One training step = forward, the task losses, the balancer's backward, an Adam step; the
-fastest of ``--repeats`` timed blocks of ``--steps`` steps after warm-up (interference from
-other processes only ever adds time, so the minimum is the most repeatable estimate on a
-shared machine). Every method runs in
-a fresh subprocess so that its peak resident memory (``ru_maxrss``) is its own. The floor for
-exact per-task gradients, K plain backward passes of the same model (``torch.autograd.grad``
-of each task's loss with respect to every parameter), is measured in the same way.
+One training step = forward, the task losses, the balancer's backward, an Adam step. Every
+method (and the floor for exact per-task gradients: K plain backward passes of the same model,
+``torch.autograd.grad`` of each task's loss with respect to every parameter) gets its own copy
+of the model; they are timed **interleaved** in one process: ``--repeats`` rounds, each
+running one block of ``--steps`` steps of every method in a fresh random order. The ratios
+reported are medians of per-round (paired) ratios, which a shared machine's slow phases
+affect far less than ratios of times taken minutes apart. Peak resident memory
+(``VmHWM``) is measured separately, in a fresh subprocess per method.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import random
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,11 +86,11 @@ def mtan_setting(
     return model, x, {"semantic": label, "depth": depth, "normal": normal}, tasks
 
 
-def measure(
+def build(
     args: argparse.Namespace, method: str, options: dict[str, Any], k: int
-) -> dict[str, Any]:
+) -> Callable[[], None]:
+    """One method's own model (same initialisation for every method), optimizer and step."""
     torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
     if args.setting == "mlp":
         model, x, y, tasks = mlp_setting(k, args.batch)
     else:
@@ -129,19 +132,56 @@ def measure(
                 else {t: v.detach() for t, v in losses.items()}
             )
 
-    for _ in range(args.warmup):
+    return step
+
+
+def peak_memory(args: argparse.Namespace, method: str, options: dict[str, Any], k: int) -> float:
+    """Peak resident memory (MiB) of a fresh process that builds one method and runs it."""
+    torch.set_num_threads(args.threads)
+    step = build(args, method, options, k)
+    for _ in range(args.warmup + args.steps):
         step()
-    blocks = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        for _ in range(args.steps):
+    return peak_rss_mib()
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. On Linux ``VmHWM``: ``ru_maxrss`` would carry
+    over the parent's peak through fork and exec, and the parent holds every model."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def interleaved_times(
+    args: argparse.Namespace, todo: list[tuple[str, str, dict[str, Any]]], k: int
+) -> dict[str, list[float]]:
+    """Seconds per step of every method, one block of ``--steps`` steps per method and
+    round, the methods in a new random order each round (all in this process).
+
+    Interleaving spreads slow phases of a shared machine over every method alike, so that
+    the ratio of two methods' blocks in the same round (a paired comparison) is far less
+    noisy than a ratio of times measured minutes apart.
+    """
+    torch.set_num_threads(args.threads)
+    steps = {label: build(args, method, options, k) for label, method, options in todo}
+    for step in steps.values():
+        for _ in range(args.warmup):
             step()
-        blocks.append((time.perf_counter() - start) / args.steps)
-    return {
-        "ms": 1000 * min(blocks),
-        "median_ms": 1000 * statistics.median(blocks),
-        "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
+    times: dict[str, list[float]] = {label: [] for label in steps}
+    order = list(steps)
+    rng = random.Random(k)
+    for _ in range(args.repeats):
+        rng.shuffle(order)
+        for label in order:
+            step = steps[label]
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            times[label].append((time.perf_counter() - start) / args.steps)
+    return times
 
 
 def methods() -> list[tuple[str, str, dict[str, Any]]]:
@@ -184,13 +224,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         spec = json.loads(args.child)
-        print(json.dumps(measure(args, spec["method"], spec["options"], spec["k"])))
+        peak = peak_memory(args, spec["method"], spec["options"], spec["k"])
+        print(json.dumps({"peak_mib": peak}))
         return
     ks = args.tasks if args.setting == "mlp" else [3]
     rows: list[tuple[str, int, dict[str, Any]]] = []
     todo = [("equal", "equal", {}), ("K backward passes (floor)", FLOOR, {})]
     todo += [m for m in methods() if m[1] != "equal" and (not args.only or m[1] in args.only)]
     for k in ks:
+        times = interleaved_times(args, todo, k)
         for label, method, options in todo:
             child = json.dumps({"method": method, "options": options, "k": k})
             cmd = [sys.executable, __file__, *sys.argv[1:], "--child", child]
@@ -198,10 +240,10 @@ def main() -> None:
             if proc.returncode != 0:
                 print(f"{label} K={k}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
                 continue
-            result = json.loads(proc.stdout.strip().splitlines()[-1])
-            rows.append((label, k, result))
+            peak = float(json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"])
+            rows.append((label, k, {"blocks": times[label], "peak_mib": peak}))
             print(
-                f"K={k:3d} {label:32s} {result['ms']:9.2f} ms  peak {result['peak_mib']:8.1f} MiB",
+                f"K={k:3d} {label:32s} {1000 * min(times[label]):9.2f} ms  peak {peak:8.1f} MiB",
                 flush=True,
             )
     table = render(rows, args)
@@ -214,25 +256,40 @@ def main() -> None:
 def render(rows: list[tuple[str, int, dict[str, Any]]], args: argparse.Namespace) -> str:
     base = {k: r for label, k, r in rows if label == "equal"}
     floor = {k: r for label, k, r in rows if label.startswith("K backward")}
+    command = " ".join(a for a in sys.argv[1:] if not a.startswith("--child"))
     lines = [
         f"# Balancing cost, setting `{args.setting}`",
         "",
-        f"Command: `python benchmarks/{Path(__file__).name} {' '.join(a for a in sys.argv[1:] if not a.startswith('--child'))}`",
-        f"Machine: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
-        f"{time.strftime('%Y-%m-%d')}. Fastest of {args.repeats} blocks of {args.steps} steps after {args.warmup} warm-up steps.",
+        f"Command: `python benchmarks/{Path(__file__).name} {command}`",
+        f"Machine: {platform.processor() or platform.machine()}, {args.threads} threads, "
+        f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}. {args.repeats} rounds; in each "
+        f"round every method runs one block of {args.steps} steps, in a random order, all in "
+        f"one process (after {args.warmup} warm-up steps each). **x equal** and **x floor** are "
+        "the median over rounds of the ratio of the method's block to equal weighting's (the "
+        "floor's) block of the same round. Peak memory: a fresh process per method.",
         "",
-        "| method | K | ms / step | median ms | x equal | x floor | peak RSS MiB | x equal |",
+        "| method | K | fastest ms / step | median ms | x equal | x floor | peak RSS MiB "
+        "| x equal |",
         "|---|---|---|---|---|---|---|---|",
     ]
+
+    def paired(a: list[float], b: list[float]) -> float:
+        return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
     for label, k, r in rows:
         b, f = base.get(k), floor.get(k)
-        lines.append(
-            f"| {label} | {k} | {r['ms']:.2f} | {r['median_ms']:.2f} | {r['ms'] / b['ms']:.2f} | "
-            f"{r['ms'] / f['ms']:.2f} | {r['peak_mib']:.0f} | {r['peak_mib'] / b['peak_mib']:.2f} |"
-            if b and f
-            else f"| {label} | {k} | {r['ms']:.2f} | {r['median_ms']:.2f} | - | - | "
-            f"{r['peak_mib']:.0f} | - |"
-        )
+        blocks = r["blocks"]
+        fastest, median = 1000 * min(blocks), 1000 * statistics.median(blocks)
+        if b and f:
+            lines.append(
+                f"| {label} | {k} | {fastest:.2f} | {median:.2f} | "
+                f"{paired(blocks, b['blocks']):.2f} | {paired(blocks, f['blocks']):.2f} | "
+                f"{r['peak_mib']:.0f} | {r['peak_mib'] / b['peak_mib']:.2f} |"
+            )
+        else:
+            lines.append(
+                f"| {label} | {k} | {fastest:.2f} | {median:.2f} | - | - | {r['peak_mib']:.0f} | - |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -77,6 +77,9 @@ def _accumulate(param: Tensor, grad: Tensor) -> None:
 
 GramianPrecision = Literal["float64", "float32"]
 
+# elements of the float64 scratch block used for the exact Gramian (4 MiB)
+_SCRATCH_ELEMENTS = 1 << 19
+
 
 class GradientBalancer(Balancer):
     """Base class of methods that combine per-task gradients.
@@ -103,6 +106,7 @@ class GradientBalancer(Balancer):
         self._gramian: Tensor | None = None
         self._gramian_of: Tensor | None = None
         self._buffer: Tensor | None = None
+        self._scratch: Tensor | None = None  # float64 column block of J (see gramian)
         #: precision of the Gramian product (``balancer.gramian_precision``; see :meth:`gramian`)
         self.gramian_precision: GramianPrecision = "float64"
         #: at feature level, take every row from one backward pass where the architecture
@@ -145,10 +149,21 @@ class GradientBalancer(Balancer):
         if self.gramian_precision == "float32" or jacobian.dtype == torch.float64:
             gramian = (jacobian @ jacobian.T).double()
         else:
-            k = jacobian.shape[0]
+            k, n = jacobian.shape
+            # float64 column blocks of at most ~4 MiB, in one scratch matrix reused from
+            # step to step: fresh large blocks would cost page faults every step (and raise
+            # the peak memory by their size)
+            width = min(n, max(1024, _SCRATCH_ELEMENTS // max(k, 1)))
+            scratch = self._scratch
+            if scratch is None or scratch.shape != (k, width) or scratch.device != jacobian.device:
+                scratch = self._scratch = torch.empty(
+                    (k, width), dtype=torch.float64, device=jacobian.device
+                )
             gramian = torch.zeros((k, k), dtype=torch.float64, device=jacobian.device)
-            for block in torch.split(jacobian, 65536, dim=1):
-                block64 = block.double()
+            for start in range(0, n, width):
+                block = jacobian[:, start : start + width]
+                block64 = scratch[:, : block.shape[1]]
+                block64.copy_(block)
                 gramian.addmm_(block64, block64.T)
         self._gramian, self._gramian_of = gramian, jacobian
         return gramian
@@ -193,7 +208,8 @@ class GradientBalancer(Balancer):
             combined = jacobian.sum(dim=0)
             weights = torch.ones(len(names), device=jacobian.device)
             self._diagnostics = {}
-        combined = combined * scale
+        if scale != 1.0:
+            combined = combined * scale
         for param, own in zip(others, other_grads, strict=True):
             if own is not None:
                 _accumulate(param, own)

@@ -23,6 +23,11 @@ which the two BLAS round differently. For that family the comparison is on what 
 the coefficients summed over each group of identical rows (``J^T u`` and MGDA's direction
 depend on nothing else; the distinct rows are independent) and the gradient ``q x + lin``.
 Besides the comparison, the KKT conditions of every solution are checked directly.
+
+``min_norm_weights`` and ``dual_cone_weights`` now take SciPy's NNLS first (checked, with the
+active-set method behind it); their tests compare what is unique and check optimality, and
+two tests pin the fast path (it answers every seeded problem) and the fallback (a failing or
+wrong NNLS answer is caught and re-solved).
 """
 
 from __future__ import annotations
@@ -270,22 +275,88 @@ def test_nnqp_matches_the_torch_solver(kind: str, k: int, form: str) -> None:
         assert_kkt(q, lin, x)
 
 
+UNIQUE = ("ordinary", "conflicting")  # full-rank, well-conditioned: the weights are unique
+
+
+def assert_min_norm_optimal(g: Tensor, w: Tensor) -> None:
+    """MGDA's KKT conditions: ``w`` on the simplex, ``(G w)_k >= w^T G w`` for every k, with
+    equality where ``w_k > 0`` (up to rounding relative to the Gramian's scale)."""
+    gw = g @ w
+    tol = 1e-10 * (g.abs() @ w.abs())
+    assert bool((w >= 0).all()) and abs(float(w.sum()) - 1.0) < 1e-12
+    assert bool((gw - w @ gw >= -tol).all())
+    assert bool(((gw - w @ gw).abs() <= tol)[w > 0].all())
+
+
 @pytest.mark.parametrize("k", KS)
 @pytest.mark.parametrize("kind", [*KINDS, "zero_rows"])
 def test_weights_match_the_torch_composition(kind: str, k: int) -> None:
+    """The weights come from SciPy's NNLS on the least-squares form (checked, with the
+    active-set method behind it), the oracle from the torch active-set method: where the
+    weights are not unique (rank-deficient and duplicate rows, the origin in the hull) the
+    two may pick different optimal weights, so the comparison is on what is unique, MGDA's
+    min-norm direction ``w @ J`` and UPGrad's projections ``u @ J``, plus optimality."""
     for seed in SEEDS:
         if kind == "zero_rows":
             j = jacobian("ordinary", k, seed)
             j[:: max(2, k // 2)] = 0.0
-            g = j @ j.T
         else:
-            g = gramian(kind, k, seed)
-        m = groups(kind, k)
+            j = jacobian(kind, k, seed)
+        g = j @ j.T
         w, u = min_norm_weights(g), dual_cone_weights(g)
         assert w.dtype == u.dtype == torch.float64 and w.device == u.device == g.device
         w_old, u_old = _torch_min_norm_weights(g), _torch_dual_cone_weights(g)
-        torch.testing.assert_close(w @ m, w_old @ m, rtol=RTOL, atol=ATOL)
-        torch.testing.assert_close(u @ m, u_old @ m, rtol=RTOL, atol=ATOL)
+        scale = float(j.norm(dim=1).max())
+        torch.testing.assert_close(w @ j, w_old @ j, rtol=0.0, atol=1e-9 * scale)
+        torch.testing.assert_close(u @ j, u_old @ j, rtol=0.0, atol=1e-9 * scale)
+        assert_min_norm_optimal(g, w)
+        if kind in UNIQUE:
+            torch.testing.assert_close(w, w_old, rtol=RTOL, atol=ATOL)
+            torch.testing.assert_close(u, u_old, rtol=RTOL, atol=ATOL)
+
+
+def test_the_fast_path_solves_the_seeded_families_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SciPy's NNLS answers, and passes the optimality check, on every seeded problem: the
+    active-set method behind it is not needed there."""
+    calls = []
+    original = _qp._nnqp
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args[1].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(_qp, "_nnqp", counting)
+    for kind, k, seed in cases():
+        g = gramian(kind, k, seed)
+        min_norm_weights(g)
+        dual_cone_weights(g)
+    assert calls == []
+
+
+@pytest.mark.parametrize("failure", ["raises", "wrong", "negative"])
+def test_a_failed_fast_solve_falls_back_to_the_active_set(
+    failure: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An NNLS that hits its iteration limit, or returns a point that is not optimal, is
+    caught by the check: the active-set method solves the problem and the weights are the
+    oracle's."""
+
+    def broken(a: Any, b: Any, **kwargs: Any) -> Any:
+        if failure == "raises":
+            raise RuntimeError("Maximum number of iterations reached.")
+        x = np.full(a.shape[1], 0.5 if failure == "wrong" else -1.0)
+        return x, 0.0
+
+    monkeypatch.setattr(_qp.scipy.optimize, "nnls", broken)
+    for kind in ("ordinary", "conflicting"):
+        for k in (3, 10):
+            g = gramian(kind, k, 0)
+            torch.testing.assert_close(
+                min_norm_weights(g), _torch_min_norm_weights(g), rtol=RTOL, atol=ATOL
+            )
+            torch.testing.assert_close(
+                dual_cone_weights(g), _torch_dual_cone_weights(g), rtol=RTOL, atol=ATOL
+            )
 
 
 @pytest.mark.parametrize("n", [1, 2, 4, 8, 16])

@@ -22,6 +22,15 @@ floating point, and rank deficiency handled by construction (a variable enters t
 set only if its column is not in the span of the passive ones, so every equality-constrained
 subproblem is positive definite). No regulariser is added anywhere.
 
+:func:`min_norm_weights` and :func:`dual_cone_weights` first hand their problems, in
+least-squares form, to SciPy's compiled implementation of the same Lawson-Hanson method
+(``scipy.optimize.nnls``, Householder updates instead of a factorisation per step), and keep
+its answer only if it passes the KKT conditions of the problem as posed here (up to rounding);
+otherwise the NumPy active-set method below solves it again (:func:`_nnqp_factored`). The
+check makes the fast path safe and the active-set method the reference; on the seeded test
+families the fast path answers every problem. At K = 40 MGDA's weights cost 0.7 ms that way
+instead of 7-8 ms.
+
 Numerical conventions:
 
 * Everything runs on the CPU in float64, in NumPy: the matrices are K x K, so moving one to
@@ -51,6 +60,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import numpy.typing as npt
+import scipy.optimize
 import torch
 from torch import Tensor
 
@@ -292,6 +302,66 @@ def _nnqp(q: _Float, lin: _Float, max_iter: int | None, stacklevel: int = 2) -> 
     return x
 
 
+# tolerance factor of the optimality check of the fast path (times n eps and the magnitudes)
+_CHECK = 256
+
+
+def _factor(c: _Float) -> _Float:
+    """An ``R`` with ``R^T R = C`` (C symmetric positive semi-definite), from C's
+    eigendecomposition; eigenvalues below zero (rounding) count as zero."""
+    lam, vec = np.linalg.eigh(c)
+    r: _Float = np.sqrt(np.maximum(lam, 0.0))[:, None] * vec.T
+    return r
+
+
+def _optimal(q: _Float, lin: _Float, x: _Float) -> bool:
+    """The KKT conditions of ``min_{x >= 0} x^T q x / 2 + lin^T x`` hold for ``x`` up to
+    rounding: ``x >= 0``, ``q x + lin >= 0``, and ``q x + lin = 0`` where ``x > 0``."""
+    grad = q @ x + lin
+    tol = _CHECK * q.shape[0] * _EPS * (np.abs(q) @ np.abs(x) + np.abs(lin))
+    return bool(
+        np.isfinite(x).all()
+        and (x >= 0).all()
+        and (grad >= -tol).all()
+        and (np.abs(grad) <= tol)[x > 0].all()
+    )
+
+
+def _nnqp_factored(q: _Float, lin: _Float, a: _Float, b: _Float) -> _Float:
+    """:func:`_nnqp` for problems also given in least-squares form.
+
+    Row ``i`` of ``lin`` must equal ``-a^T b_i`` and ``q`` must be ``a^T a`` (up to
+    rounding): then ``argmin_{x >= 0} ||a x - b_i||^2`` is the same problem. That form is
+    solved first by SciPy's compiled Lawson-Hanson NNLS (``scipy.optimize.nnls``, the same
+    active-set method with Householder updates instead of one factorisation per step: at
+    K = 40 a tenth of the time of the batched NumPy loop, whose cost is per-step overhead).
+    Every solution is then checked against the KKT conditions of ``(q, lin_i)``; a row
+    whose solution fails the check, or whose NNLS hit its iteration limit, is solved again
+    by :func:`_nnqp`, which then decides (and warns if it cannot finish). Rows whose
+    optimum is ``x = 0`` (no dual value above rounding at the origin, such as UPGrad's
+    tasks that conflict with none) are not handed to either solver.
+    """
+    rows, n = lin.shape
+    x = np.zeros((rows, n))
+    todo: list[int] = []
+    tol = 16 * n * _EPS * np.abs(lin)
+    for i in range(rows):
+        if not bool((-lin[i] > tol[i]).any()):
+            continue  # x = 0 is optimal: the active-set method's first test
+        try:
+            xi, _ = scipy.optimize.nnls(a, b[i], maxiter=10 * n + 20)
+        except RuntimeError:  # its iteration limit
+            todo.append(i)
+            continue
+        if _optimal(q, lin[i], xi):
+            x[i] = xi
+        else:
+            todo.append(i)
+    if todo:
+        x[todo] = _nnqp(q, lin[todo], None, stacklevel=3)
+    return x
+
+
 def min_norm_weights(gramian: Tensor) -> Tensor:
     """The weights of the min-norm point of the convex hull of the rows (MGDA's QP).
 
@@ -316,7 +386,11 @@ def min_norm_weights(gramian: Tensor) -> Tensor:
         zero = (~nonzero).astype(np.float64)
         return torch.from_numpy(zero / zero.sum()).to(gramian.device)
     a = norms.min() / norms
-    v = _nnqp(c + a[:, None] * a[None, :], -a[None, :], None)[0]
+    # least-squares form: || [R; a^T] v - e_last ||^2 with R^T R = C
+    ls = np.vstack([_factor(c), a[None, :]])
+    target = np.zeros((1, ls.shape[0]))
+    target[0, -1] = 1.0
+    v = _nnqp_factored(c + a[:, None] * a[None, :], -a[None, :], ls, target)[0]
     w = v / norms
     return torch.from_numpy(w / w.sum()).to(gramian.device)
 
@@ -338,7 +412,7 @@ def dual_cone_weights(gramian: Tensor) -> Tensor:
     norms, nonzero, c = _correlation(gramian)
     k = norms.shape[0]
     if bool(nonzero.all()):
-        u = np.eye(k) + _nnqp(c, c, None)
+        u = np.eye(k) + _dual_cone_problems(c)
         out = norms[:, None] * u / norms[None, :]
     else:
         out = np.zeros((k, k))
@@ -346,7 +420,13 @@ def dual_cone_weights(gramian: Tensor) -> Tensor:
         zero = np.flatnonzero(~nonzero)
         out[zero, zero] = 1.0
         if idx.size > 0:
-            u = np.eye(idx.size) + _nnqp(c, c, None)
+            u = np.eye(idx.size) + _dual_cone_problems(c)
             n = norms[idx]
             out[np.ix_(idx, idx)] = n[:, None] * u / n[None, :]
     return torch.from_numpy(out).to(gramian.device)
+
+
+def _dual_cone_problems(c: _Float) -> _Float:
+    """Row ``i``: ``argmin_{x >= 0} (e_i + x)^T C (e_i + x)``, i.e. ``||R x + R e_i||^2``."""
+    r = _factor(c)
+    return _nnqp_factored(c, c, r, -r.T)
