@@ -1,4 +1,13 @@
-"""CAGrad: the update in a ball around the mean gradient that best helps the worst task."""
+"""CAGrad: the update in a ball around the mean gradient that best helps the worst task.
+
+The solver works on K x K arrays (K the number of tasks) in float64 on the CPU, in NumPy:
+at these sizes a NumPy operation costs a fraction of a torch one, and that per-operation
+overhead was most of the solver's time (at K = 40, with about half the gradients in
+conflict, a call took 15-25 ms with torch operations and takes 3-6 ms, mostly the face
+solves of the active-set method). The public functions take and return tensors
+(:func:`cagrad_weights` returns its coefficients on the Gramian's device); NumPy arrays are
+used inside.
+"""
 
 from __future__ import annotations
 
@@ -6,29 +15,55 @@ import math
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
+import numpy.typing as npt
 import torch
 from torch import Tensor
 
 from ...errors import ConfigError
 from ..base import BALANCERS
 from ..gradient import GramianWeighting, Level
-from ._common import check_number_option, normalized_gramian
+from ._common import check_number_option
 
 __all__ = ["CAGrad", "cagrad_objective", "cagrad_weights", "solve_cagrad"]
 
 #: relative accuracy of the barrier method (duality gap, in units where the mean squared
 #: gradient norm is 1); the face solve that follows is exact to rounding when it applies
 _GAP = 1e-12
-#: ``||g_w||`` below this (same units) counts as zero: 0 lies in the convex hull of the rows
-_ZERO_NORM = 1e-9
+#: ``||g_w||`` below this (same units) counts as zero: 0 lies in the convex hull of the rows.
+#: ``w^T G w`` evaluated from a float64 Gramian carries an absolute rounding error of about
+#: ``K eps`` here, so norms below ``sqrt(K eps)`` (1e-7 at K = 40) are not resolved; below
+#: 1e-6 the direction ``g_w`` would be rounding noise scaled up by ``s / ||g_w||`` (weights
+#: of 1e8 were seen with a threshold of 1e-9), and the float32 combination ``w @ J`` could
+#: not carry it either
+_ZERO_NORM = 1e-6
+
+_Float = npt.NDArray[np.float64]
+_Index = npt.NDArray[np.intp]
+
+
+def _float64(tensor: Tensor) -> _Float:
+    """``tensor`` as a float64 NumPy array on the CPU (it may share the tensor's memory)."""
+    return tensor.detach().to(device="cpu", dtype=torch.float64).numpy(force=True)
+
+
+def _quadratic(gramian: _Float, w: _Float) -> float:
+    """``w^T G w``."""
+    return float(w @ gramian @ w)
+
+
+def _mean(x: _Float) -> float:
+    """The mean of a non-empty array (``x.mean()``'s value, with less overhead)."""
+    return float(x.sum()) / len(x)
 
 
 def cagrad_objective(gramian: Tensor, w: Tensor, b: Tensor, s: float) -> float:
     """``F(w) = w^T b + s sqrt(w^T G w)``, the function CAGrad minimises over the simplex."""
-    return float(w @ b) + s * math.sqrt(max(0.0, float(w @ gramian @ w)))
+    g, w_, b_ = _float64(gramian), _float64(w), _float64(b)
+    return float(w_ @ b_) + s * math.sqrt(max(0.0, _quadratic(g, w_)))
 
 
-def _max_step(x: Tensor, step: Tensor, gramian: Tensor) -> float:
+def _max_step(x: _Float, step: _Float, gramian: _Float) -> float:
     """The largest ``a`` with ``x + a step`` strictly inside the cone and the orthant."""
     k = gramian.shape[0]
     w, tau, dw, dtau = x[:k], float(x[k]), step[:k], float(step[k])
@@ -40,7 +75,7 @@ def _max_step(x: Tensor, step: Tensor, gramian: Tensor) -> float:
         limit = min(limit, -tau / dtau)
     # slack(a) = tau(a)^2 - w(a)^T G w(a) = r0 + r1 a + r2 a^2 must stay positive
     gdw = gramian @ dw
-    r0 = tau * tau - float(w @ gramian @ w)
+    r0 = tau * tau - _quadratic(gramian, w)
     r1 = 2.0 * (tau * dtau - float(w @ gdw))
     r2 = dtau * dtau - float(dw @ gdw)
     roots = []
@@ -57,7 +92,7 @@ def _max_step(x: Tensor, step: Tensor, gramian: Tensor) -> float:
     return limit
 
 
-def _centre(x: Tensor, t: float, gramian: Tensor, b: Tensor, s: float) -> Tensor:
+def _centre(x: _Float, t: float, gramian: _Float, b: _Float, s: float) -> _Float:
     """Newton's method on the barrier problem for one ``t`` (equality-constrained, feasible).
 
     ``t (b^T w + s tau) - sum log w_i - log(tau^2 - w^T G w)`` subject to ``sum w = 1``; the
@@ -65,33 +100,39 @@ def _centre(x: Tensor, t: float, gramian: Tensor, b: Tensor, s: float) -> Tensor
     backtracking until the barrier decreases enough.
     """
     k = gramian.shape[0]
-    dtype = gramian.dtype
-    cost = torch.cat([b, torch.tensor([s], dtype=dtype)])
-    kkt = torch.zeros(k + 2, k + 2, dtype=dtype)
+    cost = np.append(b, s)
+    kkt = np.zeros((k + 2, k + 2))
     kkt[:k, k + 1] = 1.0
     kkt[k + 1, :k] = 1.0
 
-    def value(x: Tensor) -> float:
+    def value(x: _Float) -> float:
         w, tau = x[:k], float(x[k])
-        slack = tau * tau - float(w @ gramian @ w)
+        slack = tau * tau - _quadratic(gramian, w)
         if slack <= 0.0 or bool((w <= 0).any()):
             return math.inf
-        return t * float(cost @ x) - float(torch.log(w).sum()) - math.log(slack)
+        return t * float(cost @ x) - float(np.log(w).sum()) - math.log(slack)
 
     for _ in range(50):
         w, tau = x[:k], float(x[k])
         gw = gramian @ w
         slack = tau * tau - float(w @ gw)
-        grad_slack = torch.cat([-2.0 * gw, torch.tensor([2.0 * tau], dtype=dtype)])
+        grad_slack = np.append(-2.0 * gw, 2.0 * tau)
         grad = t * cost - grad_slack / slack
         grad[:k] -= 1.0 / w
-        hess = torch.outer(grad_slack, grad_slack) / (slack * slack)
-        hess[:k, :k] += 2.0 * gramian / slack + torch.diag(1.0 / (w * w))
+        hess = np.outer(grad_slack, grad_slack) / (slack * slack)
+        hess[:k, :k] += 2.0 * gramian / slack + np.diag(1.0 / (w * w))
         hess[k, k] -= 2.0 / slack
         kkt[: k + 1, : k + 1] = hess
         # the constraint's residual is part of the step, so rounding cannot drift off it
-        rhs = torch.cat([-grad, torch.tensor([1.0 - float(w.sum())], dtype=dtype)])
-        step = torch.linalg.solve(kkt, rhs)[: k + 1]
+        rhs = np.append(-grad, 1.0 - float(w.sum()))
+        try:
+            step: _Float = np.linalg.solve(kkt, rhs)[: k + 1]
+        except np.linalg.LinAlgError:
+            # numerically singular near g_w = 0 (linearly dependent gradients whose hull
+            # holds the origin): keep the strictly feasible iterate, as the other stops do
+            break
+        if not bool(np.isfinite(step).all()):
+            break
         decrement = -float(grad @ step)
         if decrement <= 1e-10:
             break
@@ -105,7 +146,7 @@ def _centre(x: Tensor, t: float, gramian: Tensor, b: Tensor, s: float) -> Tensor
     return x
 
 
-def _face(gramian: Tensor, b: Tensor, s: float, support: list[int]) -> tuple[bool, Tensor] | None:
+def _face(gramian: _Float, b: _Float, s: float, support: _Index) -> tuple[bool, _Float] | None:
     """Minimise ``F`` on the affine hull of a face, ``{sum w = 1, w_i = 0 off support}``.
 
     With ``G_S`` invertible, stationarity ``b_S + s G_S w / ||g_w|| = -nu 1`` gives
@@ -114,41 +155,50 @@ def _face(gramian: Tensor, b: Tensor, s: float, support: list[int]) -> tuple[boo
     with ``mu > 0`` is the minimiser. Without a real root, ``F`` decreases without bound on
     the hull, steepest along ``d = -G_S^{-1}(b_S + nu 1)`` with ``nu`` making ``sum d = 0``.
 
-    Returns ``(True, w)`` (the minimiser, maybe outside the face), ``(False, d)`` (a
-    direction of unbounded decrease), or ``None`` when ``G_S`` is singular.
+    ``support`` holds the face's indices in increasing order. Returns ``(True, w)`` (the
+    minimiser, maybe outside the face), ``(False, d)`` (a direction of unbounded decrease),
+    or ``None`` when ``G_S`` is singular (LAPACK's LU finds an exactly zero pivot, or the
+    solution is not finite).
     """
-    index = torch.tensor(support)
-    g_s = gramian[index][:, index]
-    b_s = b[index]
-    rhs = torch.stack([torch.ones_like(b_s), b_s], dim=1)
-    # LU, not Cholesky: far cheaper on tiny CPU matrices with some BLAS builds
-    solved, info = torch.linalg.solve_ex(g_s, rhs)
-    if int(info) != 0 or not bool(torch.isfinite(solved).all()):
+    # LU (LAPACK's gesv), not Cholesky, as before the port. take and a filled empty array
+    # give the same values as np.ix_ and np.stack, for less of the overhead that dominates
+    # at these sizes
+    g_s = gramian.take(support, 0).take(support, 1)
+    b_s = b[support]
+    rhs = np.empty((support.size, 2))
+    rhs[:, 0] = 1.0
+    rhs[:, 1] = b_s
+    try:
+        solved = np.linalg.solve(g_s, rhs)
+    except np.linalg.LinAlgError:
+        return None
+    if not bool(np.isfinite(solved).all()):
         return None
     inv_one, inv_b = solved[:, 0], solved[:, 1]
     alpha, beta, gamma = float(inv_one.sum()), float(inv_b.sum()), float(b_s @ inv_b)
     if not alpha > 0.0:
         return None
-    out = torch.zeros_like(b)
+    out = np.zeros(b.shape[0])
     disc = beta * beta - alpha * (gamma - s * s)
     if disc > 0.0:
         mu = math.sqrt(disc)
         nu = (-beta - mu) / alpha
-        out[index] = -(inv_b + nu * inv_one) / mu
+        out[support] = -(inv_b + nu * inv_one) / mu
         return True, out
-    out[index] = -(inv_b - (beta / alpha) * inv_one)
+    out[support] = -(inv_b - (beta / alpha) * inv_one)
     return False, out
 
 
-def _slopes(gramian: Tensor, b: Tensor, s: float, w: Tensor) -> Tensor | None:
+def _slopes(gramian: _Float, b: _Float, s: float, w: _Float) -> _Float | None:
     """The gradient ``b + s G w / ||g_w||`` of ``F`` at ``w`` (None where ``g_w = 0``)."""
-    norm = math.sqrt(max(0.0, float(w @ gramian @ w)))
+    norm = math.sqrt(max(0.0, _quadratic(gramian, w)))
     if norm <= _ZERO_NORM:
         return None
-    return b + s * (gramian @ w) / norm
+    slope: _Float = b + s * (gramian @ w) / norm
+    return slope
 
 
-def _is_optimal(gramian: Tensor, b: Tensor, s: float, w: Tensor) -> bool:
+def _is_optimal(gramian: _Float, b: _Float, s: float, w: _Float) -> bool:
     """Whether ``w`` (on the simplex) satisfies the KKT conditions of the whole problem.
 
     With ``||g_w|| > 0`` the gradient of ``F`` must be equal (to ``-nu``) on the support of
@@ -159,14 +209,14 @@ def _is_optimal(gramian: Tensor, b: Tensor, s: float, w: Tensor) -> bool:
     if slope is None or bool((w < 0).any()):
         return False
     support = w > 0
-    level = float(slope[support].mean())
-    tol = 1e-10 * (float(slope.abs().max()) + 1.0)
-    on_face = float((slope[support] - level).abs().max())
+    level = _mean(slope[support])
+    tol = 1e-10 * (float(np.abs(slope).max()) + 1.0)
+    on_face = float(np.abs(slope[support] - level).max())
     below = float((level - slope[~support]).max()) if bool((~support).any()) else -math.inf
     return on_face <= tol and below <= tol
 
 
-def _active_set(gramian: Tensor, b: Tensor, s: float) -> Tensor | None:
+def _active_set(gramian: _Float, b: _Float, s: float) -> _Float | None:
     """A primal active-set method with exact face solutions; None if it cannot proceed.
 
     Start at the best vertex. Repeatedly: add the task whose slope is lowest below the
@@ -178,25 +228,27 @@ def _active_set(gramian: Tensor, b: Tensor, s: float) -> Tensor | None:
     independent gradients); otherwise the caller falls back to the barrier method.
     """
     k = b.shape[0]
-    norms = gramian.diagonal().clamp_min(0).sqrt()
-    start = int(torch.argmin(b + s * norms))
-    w = torch.zeros_like(b)
+    norms = np.sqrt(np.maximum(np.diagonal(gramian), 0.0))
+    start = int(np.argmin(b + s * norms))
+    w = np.zeros(k)
     w[start] = 1.0
-    support = [start]
+    in_support = np.zeros(k, dtype=np.bool_)
+    in_support[start] = True
     for _ in range(10 * k + 10):
         slope = _slopes(gramian, b, s, w)
         if slope is None:
             return None
-        level = float(slope[support].mean())
-        outside = [j for j in range(k) if j not in support]
-        if not outside:
+        level = _mean(slope[in_support])
+        outside = np.nonzero(~in_support)[0]
+        if outside.size == 0:
             return w
         gains = slope[outside] - level
-        best = int(torch.argmin(gains))
-        if float(gains[best]) >= -1e-10 * (float(slope.abs().max()) + 1.0):
+        best = int(np.argmin(gains))
+        if float(gains[best]) >= -1e-10 * (float(np.abs(slope).max()) + 1.0):
             return w
-        support = sorted([*support, outside[best]])
+        in_support[outside[best]] = True
         for _ in range(k + 1):
+            support = np.nonzero(in_support)[0]
             face = _face(gramian, b, s, support)
             if face is None:
                 return None
@@ -205,24 +257,24 @@ def _active_set(gramian: Tensor, b: Tensor, s: float) -> Tensor | None:
             if bounded and bool((target[support] > 0).all()):
                 w = target
                 break
-            falling = [i for i in support if float(direction[i]) < 0.0]
-            if not falling:
+            falling = support[direction[support] < 0.0]
+            if falling.size == 0:
                 return None
-            ratios = [-float(w[i]) / float(direction[i]) for i in falling]
-            step = min(ratios)
+            ratios = -w[falling] / direction[falling]
+            first = int(np.argmin(ratios))  # the first of the smallest ratios
+            step = float(ratios[first])
             if bounded:
                 step = min(step, 1.0)
-            w = (w + step * direction).clamp_min(0.0)
-            blocked = falling[ratios.index(min(ratios))]
-            w[blocked] = 0.0
+            w = np.maximum(w + step * direction, 0.0)
+            w[falling[first]] = 0.0
             w = w / w.sum()
-            support = [i for i in support if float(w[i]) > 0.0]
+            in_support &= w > 0.0
         else:
             return None
     return None
 
 
-def _certified_face(gramian: Tensor, b: Tensor, s: float, w: Tensor) -> Tensor | None:
+def _certified_face(gramian: _Float, b: _Float, s: float, w: _Float) -> _Float | None:
     """The exact solution on a face suggested by a barrier iterate ``w``, if certified.
 
     Candidate supports: the tasks whose weight lies above one of the three largest ratio
@@ -230,19 +282,49 @@ def _certified_face(gramian: Tensor, b: Tensor, s: float, w: Tensor) -> Tensor |
     tasks shrink like ``1/t`` while the active ones converge.
     """
     k = w.shape[0]
-    ranked = torch.argsort(w, descending=True, stable=True).tolist()
-    sorted_w = w[ranked].clamp_min(1e-300)
+    # decreasing order, ties in index order (a stable sort of the negated weights)
+    ranked = np.argsort(-w, kind="stable")
+    sorted_w = np.maximum(w[ranked], 1e-300)
     ratios = sorted_w[:-1] / sorted_w[1:]
-    sizes = [k] + [int(i) + 1 for i in torch.argsort(ratios, descending=True, stable=True)[:3]]
+    sizes = [k] + [int(i) + 1 for i in np.argsort(-ratios, kind="stable")[:3]]
     for size in dict.fromkeys(sizes):
-        face = _face(gramian, b, s, sorted(ranked[:size]))
+        face = _face(gramian, b, s, np.sort(ranked[:size]))
         if face is not None and face[0] and _is_optimal(gramian, b, s, face[1]):
             return face[1]
     return None
 
 
+def _solve(gramian: _Float, b: _Float, s: float) -> _Float:
+    """:func:`solve_cagrad` on NumPy arrays."""
+    k = gramian.shape[0]
+    if k == 1:
+        return np.ones(1)
+    exact = _active_set(gramian, b, s)
+    if exact is not None and _is_optimal(gramian, b, s, exact):
+        return exact
+    w: _Float = np.full(k, 1.0 / k)
+    tau = math.sqrt(max(0.0, _quadratic(gramian, w))) + 1.0
+    x = np.append(w, tau)
+    gap = _GAP * min(1.0, s)
+    t = 1.0
+    while True:
+        x = _centre(x, t, gramian, b, s)
+        w = x[:k] / x[:k].sum()
+        certified = _certified_face(gramian, b, s, w)
+        if certified is not None:
+            return certified
+        # on the central path ||g_w|| tends to its optimal value; once it is below the
+        # threshold the minimiser has g_w = 0 (to that precision) and the caller's
+        # convention applies, whatever further digits the barrier would find
+        if (k + 2) / t < gap or _quadratic(gramian, w) <= _ZERO_NORM**2:
+            return w
+        t *= 10.0
+
+
 def solve_cagrad(gramian: Tensor, b: Tensor, s: float) -> Tensor:
-    """``argmin_{w in simplex} w^T b + s sqrt(w^T G w)`` (float64, CPU), to high accuracy.
+    """``argmin_{w in simplex} w^T b + s sqrt(w^T G w)`` (float64), to high accuracy.
+
+    Computed in NumPy on the CPU; the result is a float64 tensor on the Gramian's device.
 
     First an active-set method whose faces are solved exactly in closed form
     (:func:`_active_set`); its result is returned when it satisfies the optimality
@@ -258,30 +340,8 @@ def solve_cagrad(gramian: Tensor, b: Tensor, s: float) -> Tensor:
     exact face solution, until the duality gap bound ``(K + 2) / t`` is below about 1e-12
     (relative) or ``||g_w||`` is zero to the precision of :data:`_ZERO_NORM`.
     """
-    k = gramian.shape[0]
-    dtype = gramian.dtype
-    if k == 1:
-        return torch.ones(1, dtype=dtype)
-    exact = _active_set(gramian, b, s)
-    if exact is not None and _is_optimal(gramian, b, s, exact):
-        return exact
-    w = torch.full((k,), 1.0 / k, dtype=dtype)
-    tau = math.sqrt(max(0.0, float(w @ gramian @ w))) + 1.0
-    x = torch.cat([w, torch.tensor([tau], dtype=dtype)])
-    gap = _GAP * min(1.0, s)
-    t = 1.0
-    while True:
-        x = _centre(x, t, gramian, b, s)
-        w = x[:k] / x[:k].sum()
-        exact = _certified_face(gramian, b, s, w)
-        if exact is not None:
-            return exact
-        # on the central path ||g_w|| tends to its optimal value; once it is below the
-        # threshold the minimiser has g_w = 0 (to that precision) and the caller's
-        # convention applies, whatever further digits the barrier would find
-        if (k + 2) / t < gap or float(w @ gramian @ w) <= _ZERO_NORM**2:
-            return w
-        t *= 10.0
+    w = _solve(_float64(gramian), _float64(b), s)
+    return torch.from_numpy(w).to(gramian.device)
 
 
 def cagrad_weights(gramian: Tensor, c: float, rescale: Literal[0, 1, 2] = 0) -> Tensor:
@@ -291,7 +351,9 @@ def cagrad_weights(gramian: Tensor, c: float, rescale: Literal[0, 1, 2] = 0) -> 
     ``min_{w in simplex} <g_w, g_0> + c ||g_0|| ||g_w||`` (:func:`solve_cagrad`), computed on
     the Gramian normalised by the mean squared gradient norm, so the coefficients do not
     depend on the scale of the gradients. ``rescale`` divides by 1 (0, the paper),
-    ``1 + c^2`` (1) or ``1 + c`` (2), the options of the official code.
+    ``1 + c^2`` (1) or ``1 + c`` (2), the options of the official code. The computation runs
+    in float64 NumPy on the CPU; the coefficients are a float64 tensor on the Gramian's
+    device.
 
     Special cases:
 
@@ -309,26 +371,28 @@ def cagrad_weights(gramian: Tensor, c: float, rescale: Literal[0, 1, 2] = 0) -> 
       mean loss for ``c < 1``, so the step goes on along it).
     """
     device = gramian.device
-    g, _ = normalized_gramian(gramian.detach().to("cpu", torch.float64))
-    k = g.shape[0]
-    mean = torch.full((k,), 1.0 / k, dtype=torch.float64)
+    raw = _float64(gramian)
+    k = raw.shape[0]
+    # the normalisation of :func:`._common.normalized_gramian`: by the mean squared norm
+    scale = float(np.diagonal(raw).sum()) / max(k, 1)
+    g = raw / (scale if scale > 0 else 1.0)
+    mean = np.full(k, 1.0 / k)
     divisor = (1.0, 1.0 + c * c, 1.0 + c)[rescale]
-    g0_norm = math.sqrt(max(0.0, float(mean @ g @ mean)))
+    g0_norm = math.sqrt(max(0.0, _quadratic(g, mean)))
     s = c * g0_norm
     if s <= 0.0:
-        return (mean / divisor).to(device)
-    live = g.diagonal() > 0
-    index = live.nonzero().squeeze(1)
-    g_live = g[index][:, index]
+        return torch.from_numpy(mean / divisor).to(device)
+    index = np.flatnonzero(np.diagonal(g) > 0)
+    g_live = g[np.ix_(index, index)]
     b = (g @ mean)[index]
-    w_live = solve_cagrad(g_live, b, s)
-    gw_norm = math.sqrt(max(0.0, float(w_live @ g_live @ w_live)))
-    coef = mean.clone()
+    w_live = _solve(g_live, b, s)
+    gw_norm = math.sqrt(max(0.0, _quadratic(g_live, w_live)))
+    coef = mean.copy()
     if gw_norm > _ZERO_NORM:
         coef[index] += (s / gw_norm) * w_live
     elif c >= 1.0:
-        coef.zero_()
-    return (coef / divisor).to(device)
+        coef[:] = 0.0
+    return torch.from_numpy(coef / divisor).to(device)
 
 
 @BALANCERS.register("cagrad")
@@ -343,10 +407,10 @@ class CAGrad(GramianWeighting):
         w* = argmin_{w in simplex}  <g_w, g_0> + c ||g_0|| ||g_w||,    g_w = sum_k w_k g_k
         d  = g_0 + (c ||g_0|| / ||g_w*||) g_w*
 
-    solved here in float64 (:func:`solve_cagrad`: an active-set method with closed-form
-    faces, certified by the optimality conditions, exact to rounding; a barrier method for
-    singular cases; no cvxpy or scipy). The update is the paper's, based on the **mean**
-    gradient; the effective weights are the coefficients of ``d``.
+    solved here in float64 NumPy on the CPU (:func:`solve_cagrad`: an active-set method with
+    closed-form faces, certified by the optimality conditions, exact to rounding; a barrier
+    method for singular cases; no cvxpy or scipy). The update is the paper's, based on the
+    **mean** gradient; the effective weights are the coefficients of ``d``.
 
     Conventions and deviations:
 
