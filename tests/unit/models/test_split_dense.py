@@ -290,7 +290,9 @@ def test_overfits_one_batch_of_dense_tasks(
     x, targets = _tiled_batch()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     first: dict[str, float] = {}
-    for step in range(60):
+    # 100 steps: at 60 the split-deep normals stopped at 0.33 of the first loss on some CPUs
+    # (0.22 on others: kernels differ); the bound below is not the point, fitting is
+    for step in range(100):
         opt.zero_grad()
         losses = _losses(model(x), targets)
         if step == 0:
