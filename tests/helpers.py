@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import Tensor
+
 
 def tiny_config_dict(output_dir: Path, **overrides: Any) -> dict[str, Any]:
     """A MultiDigits run that trains in about a second on a CPU."""
@@ -47,3 +50,38 @@ def own_copies(rep: Any, task: str) -> list[Any]:
 def other_copies(rep: Any, task: str) -> list[Any]:
     """The copies of the shared-representation points given to tasks other than ``task``."""
     return [leaf for p in rep.points for t, leaf in p.leaves.items() if t not in (None, task)]
+
+
+#: families of seeded Jacobians for the solver tests (the index enters the seed)
+JACOBIAN_KINDS = (
+    "ordinary",
+    "nearly_collinear",
+    "rank_deficient",
+    "conflicting",
+    "duplicates",
+    "zero_rows",
+)
+
+
+def seeded_jacobian(kind: str, k: int, seed: int, dim: int = 64) -> Tensor:
+    """A K x dim float64 Jacobian of the given family, rows of scales spread over e^+-2."""
+    g = torch.Generator().manual_seed(10_000 * k + 100 * JACOBIAN_KINDS.index(kind) + seed)
+
+    def randn(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    j = randn(k, dim)
+    if kind == "nearly_collinear":
+        j = randn(1, dim) + 1e-3 * j
+    elif kind == "rank_deficient":
+        r = max(1, k // 3)
+        j = randn(k, r) @ randn(r, dim)
+    elif kind == "conflicting":
+        # a strong shared direction, pointing either way: about half the pairs conflict
+        j = j + 3.0 * (2 * torch.rand(k, 1, generator=g, dtype=torch.float64) - 1) * randn(1, dim)
+    j = j * torch.exp(randn(k, 1).clamp(-2.0, 2.0))
+    if kind == "duplicates":
+        j = j[torch.arange(k) % max(1, (k + 1) // 2)]  # the second half copies the first
+    elif kind == "zero_rows":
+        j[:: max(2, k // 2)] = 0.0
+    return j

@@ -42,6 +42,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from helpers import seeded_jacobian
 from polytask.balancing.aggregation import _qp
 from polytask.balancing.aggregation._qp import (
     correlation,
@@ -179,25 +180,7 @@ def _torch_dual_cone_weights(gramian: Tensor) -> Tensor:
 
 
 def jacobian(kind: str, k: int, seed: int, dim: int = 64) -> Tensor:
-    """A K x dim float64 Jacobian of the given family, rows of scales spread over e^+-2."""
-    g = torch.Generator().manual_seed(10_000 * k + 100 * KINDS.index(kind) + seed)
-
-    def randn(*shape: int) -> Tensor:
-        return torch.randn(*shape, generator=g, dtype=torch.float64)
-
-    j = randn(k, dim)
-    if kind == "nearly_collinear":
-        j = randn(1, dim) + 1e-3 * j
-    elif kind == "rank_deficient":
-        r = max(1, k // 3)
-        j = randn(k, r) @ randn(r, dim)
-    elif kind == "conflicting":
-        # a strong shared direction, pointing either way: about half the pairs conflict
-        j = j + 3.0 * (2 * torch.rand(k, 1, generator=g, dtype=torch.float64) - 1) * randn(1, dim)
-    j = j * torch.exp(randn(k, 1).clamp(-2.0, 2.0))
-    if kind == "duplicates":
-        j = j[torch.arange(k) % max(1, (k + 1) // 2)]  # the second half copies the first
-    return j
+    return seeded_jacobian(kind, k, seed, dim)
 
 
 def gramian(kind: str, k: int, seed: int) -> Tensor:
