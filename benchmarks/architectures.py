@@ -32,6 +32,9 @@ from polytask.models import ARCHITECTURES, BACKBONES, MultiTaskModel
 from polytask.models.heads_dense import segnet_head
 from polytask.tasks import Task
 
+sys.path.insert(0, str(Path(__file__).parent))
+from timing import time_blocks
+
 #: benchmark name -> (registered architecture, options); ``stan`` has the semantic task only
 SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "single_task": ("single_task", {}),
@@ -97,12 +100,7 @@ def measure(args: argparse.Namespace, arch: str) -> dict[str, Any]:
 
     for _ in range(args.warmup):
         step()
-    blocks = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        blocks.append((time.perf_counter() - start) / args.steps)
+    blocks = time_blocks(step, args.steps, args.repeats)
     return {
         "params": sum(p.numel() for p in model.parameters()),
         "ms": 1000 * min(blocks),

@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from balancing import build, methods
+from timing import time_blocks
 
 from polytask.balancing import gradient
 
@@ -63,12 +64,7 @@ def measure(args: argparse.Namespace, method: str, options: dict[str, Any]) -> d
         for _ in range(args.warmup):
             step()
         totals.clear()
-        blocks = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            blocks.append((time.perf_counter() - start) / args.steps)
+        blocks = time_blocks(step, args.steps, args.repeats)
     finally:
         for name, (cls, attr) in originals.items():
             setattr(cls, attr, saved[name])
