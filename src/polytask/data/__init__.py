@@ -5,7 +5,9 @@ Importing this package registers the built-in builders in :data:`DATASETS`.
 
 from __future__ import annotations
 
+from . import cityscapes as cityscapes
 from . import multidigits as multidigits
+from . import nyuv2 as nyuv2
 from .base import DATASETS, SPLITS, DataBundle
 from .tensor import TensorMTLDataset
 
