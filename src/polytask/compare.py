@@ -9,6 +9,7 @@ A grid file is YAML::
     seeds: [0, 1]
     baseline: single_task           # the cell whose test results are the Delta_m baseline
     delta_m: metric_mean            # or task_mean
+    protocol: "..."                 # the named protocol and where it comes from (tables say it)
     cells:
       single_task: {model.architecture: single_task}
       hps_equal: {model.architecture: hps, balancer.name: equal}
@@ -16,7 +17,10 @@ A grid file is YAML::
 Every (cell, seed) is one run directory ``GRID_DIR/CELL/seed-K``. Running the grid again
 skips finished runs and resumes interrupted ones, so a grid can be extended cell by cell.
 Results go to ``GRID_DIR/results.md``, ``results.csv``, ``results.json`` and the baseline
-derived from the baseline cell to ``GRID_DIR/baseline.json``.
+derived from the baseline cell to ``GRID_DIR/baseline.json``. Where the runs have a
+segmentation task with per-class results, ``results.md`` also has the per-class IoU gain of
+every cell over the baseline cell against the class's share of training pixels (the
+cross-stitch paper's data-starved-class analysis).
 """
 
 from __future__ import annotations
@@ -65,6 +69,8 @@ class GridSpec:
     seeds: list[int] = field(default_factory=lambda: [0])
     baseline: str | None = None
     delta_m: Literal["metric_mean", "task_mean"] = "metric_mean"
+    #: the protocol's name and where it comes from; every results table names it
+    protocol: str | None = None
 
 
 def load_grid(
@@ -242,8 +248,15 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
         if baseline is not None
         else "Test split, mean ± standard deviation over seeds."
     )
+    header = f"# Grid {spec.name}\n\n"
+    if spec.protocol:
+        header += f"Protocol: {spec.protocol.strip()}\n\n"
+    per_class = class_gains(runs, spec.baseline) if spec.baseline is not None else None
+    per_class_md = ""
+    if per_class is not None:
+        per_class_md = f"\n## Per-class IoU against training pixels\n\n{per_class['table']}\n\n{per_class['note']}\n"
     (grid_dir / "results.md").write_text(
-        f"# Grid {spec.name}\n\n{table}\n\n{note}\n", encoding="utf-8"
+        f"{header}{table}\n\n{note}\n{per_class_md}", encoding="utf-8"
     )
     with (grid_dir / "results.csv").open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
@@ -255,12 +268,112 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
             writer.writerow([row["cell"], row["seeds"], *[v for k in keys for v in row[k]]])
     summary = {
         "grid": spec.name,
+        "protocol": spec.protocol,
         "table": table,
         "note": note,
         "rows": rows,
         "baseline": None if baseline is None else baseline.source,
+        "per_class": per_class,
     }
     (grid_dir / "results.json").write_text(
         json.dumps(summary, indent=2, default=str), encoding="utf-8"
     )
     return summary
+
+
+def _spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties); NaN if either is constant."""
+
+    def ranks(values: Sequence[float]) -> list[float]:
+        order = sorted(range(len(values)), key=lambda i: values[i])
+        result = [0.0] * len(values)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                result[order[k]] = (i + j) / 2
+            i = j + 1
+        return result
+
+    rx, ry = ranks(x), ranks(y)
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    sxx = sum((a - mx) ** 2 for a in rx)
+    syy = sum((b - my) ** 2 for b in ry)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else math.nan
+
+
+def class_gains(runs: dict[str, list[dict[str, Any]]], baseline_cell: str) -> dict[str, Any] | None:
+    """Per-class test IoU gain of every cell over ``baseline_cell`` against training pixels.
+
+    Needs runs whose results have ``classes`` (training pixels per class) and per-class test
+    IoU (``test.details``) for one segmentation task; ``None`` otherwise. Classes are sorted
+    by their share of training pixels; each cell's column is its mean IoU over seeds minus
+    the baseline cell's; the last row is Spearman's rank correlation of gain and share.
+    """
+    base_runs = runs.get(baseline_cell)
+    if not base_runs:
+        return None
+    first = base_runs[0]
+    for task, info in (first.get("classes") or {}).items():
+        pixels = info.get("train_pixels")
+        if pixels is None or "iou" not in first["test"].get("details", {}).get(task, {}):
+            continue
+        names = info.get("names") or [str(i) for i in range(len(pixels))]
+        total = float(sum(pixels))
+        share = [100.0 * p / total if total else math.nan for p in pixels]
+
+        def mean_iou(cell_runs: list[dict[str, Any]], c: int, t: str = task) -> float:
+            values = [
+                r["test"]["details"][t]["iou"][c]
+                for r in cell_runs
+                if t in r["test"].get("details", {})
+            ]
+            defined = [v for v in values if v is not None]
+            return statistics.fmean(defined) if defined else math.nan
+
+        classes = sorted(range(len(pixels)), key=lambda c: share[c])
+        base = [mean_iou(base_runs, c) for c in range(len(pixels))]
+        cells = [cell for cell in runs if cell != baseline_cell]
+        gains = {
+            cell: [mean_iou(runs[cell], c) - base[c] for c in range(len(pixels))] for cell in cells
+        }
+        headers = ["class", "train pixels %", f"{baseline_cell} IoU"] + [
+            f"{cell} ΔIoU" for cell in cells
+        ]
+        rows = [
+            [names[c], f"{share[c]:.2f}", format_value(base[c])]
+            + [format_value(gains[cell][c], decimals=2) for cell in cells]
+            for c in classes
+        ]
+        correlation: dict[str, float] = {}
+        for cell in cells:
+            pairs = [(share[c], g) for c, g in enumerate(gains[cell]) if math.isfinite(g)]
+            correlation[cell] = (
+                _spearman([p for p, _ in pairs], [g for _, g in pairs])
+                if len(pairs) > 2
+                else math.nan
+            )
+        rows.append(
+            ["Spearman(share, gain)", "", ""]
+            + [format_value(correlation[cell], decimals=2) for cell in cells]
+        )
+        note = (
+            f"Task {task!r}, test split, IoU in percent, mean over seeds; ΔIoU is a cell's IoU "
+            f"minus {baseline_cell!r}'s. Classes sorted by their share of labelled training "
+            "pixels. A negative rank correlation means the cell gains most on the rarest "
+            "classes (the cross-stitch paper's data-starved-class effect)."
+        )
+        return {
+            "task": task,
+            "classes": [names[c] for c in classes],
+            "train_pixel_share": [share[c] for c in classes],
+            "baseline_iou": [base[c] for c in classes],
+            "gain": {cell: [gains[cell][c] for c in classes] for cell in cells},
+            "spearman": correlation,
+            "table": markdown_table(headers, rows),
+            "note": note,
+        }
+    return None

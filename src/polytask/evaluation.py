@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,13 +21,19 @@ __all__ = ["EvalResult", "autocast", "evaluate", "split_datasets"]
 
 @dataclass
 class EvalResult:
-    """Metric values ``{task: {value: float}}`` and mean unweighted losses ``{task: float}``."""
+    """Metric values ``{task: {value: float}}``, mean unweighted losses ``{task: float}`` and
+    the metrics' per-class breakdowns ``{task: {name: [float | None]}}`` (see
+    :meth:`~polytask.metrics.Metric.details`; only tasks that have some)."""
 
     metrics: dict[str, dict[str, float]]
     losses: dict[str, float]
+    details: dict[str, dict[str, list[float | None]]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"metrics": self.metrics, "losses": self.losses}
+        result: dict[str, Any] = {"metrics": self.metrics, "losses": self.losses}
+        if self.details:
+            result["details"] = self.details
+        return result
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
@@ -103,13 +109,17 @@ def evaluate(
     finally:
         model.train(was_training)
     values: dict[str, dict[str, float]] = {}
+    details: dict[str, dict[str, list[float | None]]] = {}
     for name, task_metrics in metrics.items():
         values[name] = {}
         for metric in task_metrics.values():
             metric.sync()
             values[name].update(metric.compute())
+            extra = metric.details()
+            if extra:
+                details.setdefault(name, {}).update(extra)
     losses = {
         name: (loss_sum[name] / loss_count[name] if loss_count[name] else float("nan"))
         for name in tasks
     }
-    return EvalResult(metrics=values, losses=losses)
+    return EvalResult(metrics=values, losses=losses, details=details)

@@ -142,3 +142,12 @@ class Metric(ABC):
     @abstractmethod
     def compute(self) -> dict[str, float]:
         """The metric values over everything added since the last reset (NaN if nothing was)."""
+
+    def details(self) -> dict[str, list[float | None]]:
+        """Per-class (or other per-item) breakdowns of the values, for analysis and reports.
+
+        Never part of Delta_m or model selection. Each entry is a list of floats, ``None``
+        where undefined; lists of the same metric are aligned (item ``i`` is the same class in
+        every list). The default has none.
+        """
+        return {}

@@ -102,6 +102,13 @@ class SegmentationMetric(Metric):
         iou[present] = 100.0 * intersection[present] / union[present]
         return iou
 
+    def details(self) -> dict[str, list[float | None]]:
+        """``iou``: per-class IoU in percent (None where the union is empty); ``pixels``: the
+        number of target pixels of each class in what was added."""
+        iou = [None if v != v else float(v) for v in self.iou().tolist()]
+        pixels = [float(v) for v in self.sum_state("confusion").sum(dim=1).tolist()]
+        return {"iou": iou, "pixels": pixels}
+
     def compute(self) -> dict[str, float]:
         confusion = self.sum_state("confusion")
         total = int(confusion.sum())

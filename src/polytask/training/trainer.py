@@ -513,6 +513,9 @@ class Trainer:
             "train_time_s": s.train_time_s,
             "delta_m": None,
         }
+        classes = _class_info(c.bundle.info, c.tasks)
+        if classes:
+            results["classes"] = classes
         if c.baseline is not None:
             conv = cfg.eval.delta_m
             results["delta_m"] = {
@@ -529,8 +532,28 @@ class Trainer:
         return results
 
 
+def _class_info(info: Mapping[str, Any], tasks: Mapping[str, Any]) -> dict[str, Any]:
+    """Class names and training pixels of the segmentation tasks, from the data set's
+    ``info`` (``class_names``, ``class_pixels``: one list, or ``{task: list}``)."""
+    result: dict[str, Any] = {}
+    for name, task in tasks.items():
+        if task.kind != "segmentation":
+            continue
+        entry: dict[str, Any] = {}
+        for key, out in (("class_names", "names"), ("class_pixels", "train_pixels")):
+            value = info.get(key)
+            if isinstance(value, Mapping):
+                value = value.get(name)
+            if isinstance(value, Sequence) and len(value) == task.output_dim:
+                entry[out] = list(value)
+        if entry:
+            result[name] = entry
+    return result
+
+
 def _mean_results(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Average ``{"metrics": {t: {k: v}}, "losses": {t: v}}`` records."""
+    """Average ``{"metrics": {t: {k: v}}, "losses": {t: v}, "details": {t: {k: [v]}}}``
+    records (details item by item, over the records where the item is defined)."""
     metrics: dict[str, dict[str, float]] = {}
     losses: dict[str, float] = {}
     n = len(items)
@@ -541,4 +564,13 @@ def _mean_results(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                 metrics[t][k] += v / n
         for t, v in item["losses"].items():
             losses[t] = losses.get(t, 0.0) + v / n
-    return {"metrics": metrics, "losses": losses}
+    result: dict[str, Any] = {"metrics": metrics, "losses": losses}
+    details: dict[str, dict[str, list[float | None]]] = {}
+    for t, lists in (items[0].get("details") or {}).items():
+        for k in lists:
+            columns = zip(*(item["details"][t][k] for item in items), strict=True)
+            defined = ([v for v in column if v is not None] for column in columns)
+            details.setdefault(t, {})[k] = [sum(v) / len(v) if v else None for v in defined]
+    if details:
+        result["details"] = details
+    return result
