@@ -19,6 +19,7 @@ time, while counting the training pixels of every class.
 from __future__ import annotations
 
 import io
+import math
 import numbers
 import os
 import struct
@@ -135,49 +136,57 @@ class SplitFiles:
 class _Header:
     shape: tuple[int, ...]
     dtype: np.dtype[Any]
-    data_bytes: int
+    data_bytes: int  # what the file holds after its header
+    needed_bytes: int  # what the shape and dtype need
 
 
 # Parsed headers by their raw bytes: every file of a modality usually has the same header, so
 # the (slow) parse of its text runs once per distinct header, not once per file.
-_HEADER_CACHE: dict[bytes, tuple[tuple[int, ...], bool, np.dtype[Any]]] = {}
+_HEADER_CACHE: dict[bytes, tuple[tuple[int, ...], np.dtype[Any], int]] = {}
+_HEADER_READ = 256  # one read holds the usual 128-byte header
 
 
-def _read_header(path: Path) -> tuple[_Header | None, str]:
+def _read_header(path: str) -> tuple[_Header | None, str]:
     """The header of an ``.npy`` file, or ``None`` and what is wrong with the file."""
     try:
-        with open(path, "rb") as f:
-            prefix = f.read(12)
-            if len(prefix) < 10 or not prefix.startswith(_NPY_MAGIC):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            head = os.read(fd, _HEADER_READ)
+            if len(head) < 10 or not head.startswith(_NPY_MAGIC):
                 return None, "a file that does not start with the .npy signature"
-            major = prefix[6]
+            major = head[6]
             if major == 1:
-                start, length = 10, struct.unpack("<H", prefix[8:10])[0]
-            elif major in (2, 3) and len(prefix) == 12:
-                start, length = 12, struct.unpack("<I", prefix[8:12])[0]
+                start, length = 10, struct.unpack("<H", head[8:10])[0]
+            elif major in (2, 3) and len(head) >= 12:
+                start, length = 12, struct.unpack("<I", head[8:12])[0]
             else:
                 return None, f"an unsupported .npy format version {major}"
-            body = prefix[start:] + f.read(max(0, start + length - len(prefix)))
-            size = os.fstat(f.fileno()).st_size
+            if len(head) < start + length:
+                head += os.read(fd, start + length - len(head))
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
     except OSError as exc:
         return None, f"a file that cannot be read ({exc.strerror or exc})"
-    if len(body) < length:
+    if len(head) < start + length:
         return None, "a truncated .npy header"
-    key = prefix[:start] + body[:length]
+    key = head[: start + length]
     parsed = _HEADER_CACHE.get(key)
     if parsed is None:
         try:
             stream = io.BytesIO(key)
             version = npy_format.read_magic(stream)
             if version == (1, 0):
-                parsed = npy_format.read_array_header_1_0(stream)
+                shape, _, dtype = npy_format.read_array_header_1_0(stream)
             else:
-                parsed = npy_format.read_array_header_2_0(stream)
+                shape, _, dtype = npy_format.read_array_header_2_0(stream)
         except (ValueError, SyntaxError, TypeError) as exc:
             return None, f"an unreadable .npy header ({exc})"
+        shape = tuple(int(n) for n in shape)
+        parsed = (shape, dtype, math.prod(shape) * dtype.itemsize)
         _HEADER_CACHE[key] = parsed
-    shape, _, dtype = parsed
-    return _Header(tuple(int(n) for n in shape), dtype, size - len(key)), ""
+    shape, dtype, needed = parsed
+    return _Header(shape, dtype, size - len(key), needed), ""
 
 
 def _describe(header: _Header) -> str:
@@ -292,8 +301,9 @@ def scan_split(
     for modality in layout.modalities:
         channels = modality.channels
         expected_shape = size if channels is None else (*size, channels)
+        folder_name = os.path.join(directory, modality.folder)
         for index in range(n):
-            path = files.path(modality, index)
+            path = os.path.join(folder_name, f"{index}.npy")  # str: Path costs more than the read
             header = _checked_header(path, modality, layout)
             if header.shape != expected_shape:
                 raise layout.error(
@@ -305,18 +315,17 @@ def scan_split(
     return SplitFiles(directory, n, size[0], size[1])
 
 
-def _checked_header(path: Path, modality: Modality, layout: DenseLayout) -> _Header:
-    header, problem = _read_header(path)
+def _checked_header(path: Path | str, modality: Modality, layout: DenseLayout) -> _Header:
+    header, problem = _read_header(str(path))
     if header is None:
         raise layout.error(path, "a NumPy .npy file", problem)
     kinds = "an integer or float" if modality.kind == "label" else "a float"
     if not modality.accepts(header.dtype):
         raise layout.error(path, f"{kinds} dtype ({modality.kind})", _describe(header))
-    needed = int(np.prod(header.shape, dtype=np.int64)) * header.dtype.itemsize
-    if header.data_bytes < needed:
+    if header.data_bytes < header.needed_bytes:
         raise layout.error(
             path,
-            f"{needed} bytes of data for {_describe(header)}",
+            f"{header.needed_bytes} bytes of data for {_describe(header)}",
             f"{header.data_bytes} bytes (a truncated file)",
         )
     return header
