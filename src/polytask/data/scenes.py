@@ -337,14 +337,16 @@ def _rays(height: int, width: int) -> FloatArray:
 
 
 def _texture(kind: str, points: FloatArray, scale: float) -> FloatArray:
+    shade: FloatArray
     if kind == "stripes":
-        return 0.75 + 0.25 * np.sign(np.sin(points[:, 1] * scale * 4))
-    if kind == "checker":
-        cells = np.floor(points * scale * 2).sum(axis=1)
-        return 0.55 + 0.45 * (cells % 2)
-    if kind == "grain":
-        return 0.85 + 0.15 * np.sin(points[:, 0] * scale * 3 + np.sin(points[:, 2] * scale))
-    return np.ones(len(points))
+        shade = 0.75 + 0.25 * np.sign(np.sin(points[:, 1] * scale * 4))
+    elif kind == "checker":
+        shade = 0.55 + 0.45 * (np.floor(points * scale * 2).sum(axis=1) % 2)
+    elif kind == "grain":
+        shade = 0.85 + 0.15 * np.sin(points[:, 0] * scale * 3 + np.sin(points[:, 2] * scale))
+    else:
+        shade = np.ones(len(points))
+    return shade
 
 
 def render(seed: int, split: str, index: int, height: int, width: int) -> Frame:
@@ -442,7 +444,8 @@ def backproject_normals(depth: FloatArray, width: int | None = None) -> FloatArr
     n = np.where(facing, -n, n)
     n[[0, -1], :] = 0
     n[:, [0, -1]] = 0
-    return n
+    result: FloatArray = n
+    return result
 
 
 # -- data set ------------------------------------------------------------------------------

@@ -106,7 +106,9 @@ class SegmentationMetric(Metric):
         """``iou``: per-class IoU in percent (None where the union is empty); ``pixels``: the
         number of target pixels of each class in what was added."""
         iou = [None if v != v else float(v) for v in self.iou().tolist()]
-        pixels = [float(v) for v in self.sum_state("confusion").sum(dim=1).tolist()]
+        pixels: list[float | None] = [
+            float(v) for v in self.sum_state("confusion").sum(dim=1).tolist()
+        ]
         return {"iou": iou, "pixels": pixels}
 
     def compute(self) -> dict[str, float]:

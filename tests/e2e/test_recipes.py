@@ -1,0 +1,96 @@
+"""Every shipped recipe and grid: valid, and each grid cell trains one step end to end.
+
+The paper protocols (NYUv2, CityScapes) run on folders generated in exactly the published
+layout, at a tiny width and image size; only the sizes are overridden, so what is checked is
+the recipes' own architecture, balancing, schedule and selection settings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+import dense_layout as dl
+from polytask.compare import load_grid
+from polytask.config import load_config, to_dict
+from polytask.training.build import build_components
+from polytask.training.rundir import RunDirectory
+from polytask.training.trainer import Trainer
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+GRIDS = sorted(CONFIGS.rglob("*-grid.yaml"))
+RECIPES = sorted(p for p in CONFIGS.rglob("*.yaml") if p not in GRIDS and p.name != "demo.yaml")
+
+#: one step at 1/16 width on 32 x 48 images: the recipes' own settings, only smaller
+TINY = [
+    "train.epochs=1",
+    "train.selection.last_n=1",
+    "train.progress=false",
+    "data.batch_size=2",
+    "data.num_workers=0",
+    "model.backbone_options.width=0.0625",
+]
+
+
+def _data_overrides(dataset: str, tmp: Path) -> list[str]:
+    if dataset == "nyuv2":
+        root = tmp / "nyuv2"
+        if not root.exists():
+            dl.write_nyuv2(root, train=2, val=2)
+        return [f"data.options.root={root}"]
+    if dataset == "cityscapes":
+        root = tmp / "cityscapes"
+        if not root.exists():
+            dl.write_cityscapes(root, train=2, val=2)
+        return [f"data.options.root={root}"]
+    if dataset == "scenes":
+        return [
+            "data.options.n_train=2",
+            "data.options.n_val=2",
+            "data.options.n_test=2",
+            "data.options.height=32",
+            "data.options.width=48",
+        ]
+    raise AssertionError(f"no test data for {dataset}")
+
+
+def _dataset(path: Path) -> str:
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    base = raw.get("base")
+    if base is not None:
+        raw = yaml.safe_load((path.parent / base).read_text(encoding="utf-8"))
+    return str(raw["data"]["name"])
+
+
+def test_every_paper_protocol_has_a_grid() -> None:
+    names = {p.relative_to(CONFIGS).as_posix() for p in GRIDS}
+    assert {
+        "nyuv2/mtan-paper-grid.yaml",
+        "nyuv2/cagrad-protocol-grid.yaml",
+        "cityscapes/mtan-paper-grid.yaml",
+        "cityscapes/cagrad-protocol-grid.yaml",
+        "scenes/mtan-paper-cpu-grid.yaml",
+    } <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.relative_to(CONFIGS).as_posix())
+def test_recipe_validates_and_names_its_protocol(path: Path) -> None:
+    load_config(path)  # every key known and typed
+    header = path.read_text(encoding="utf-8").split("\nname:")[0]
+    assert "Protocol" in header or "protocol" in header or path.parent == CONFIGS
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=lambda p: p.relative_to(CONFIGS).as_posix())
+def test_grid_cells_train_one_step(grid: Path, tmp_path: Path) -> None:
+    overrides = TINY + _data_overrides(_dataset(grid), tmp_path)
+    spec, configs = load_grid(grid, overrides)
+    assert spec.protocol, "a paper grid names its protocol"
+    assert spec.baseline in spec.cells
+    for cell, config in configs.items():
+        config.output_dir = str(tmp_path / "runs")
+        run = RunDirectory.create(tmp_path / "runs" / cell, to_dict(config))
+        results = Trainer(build_components(config), run, console=False).fit()
+        assert results["test"]["metrics"], cell
+        assert run.read_metrics()[0]["epoch"] == 0
