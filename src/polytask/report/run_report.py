@@ -10,7 +10,7 @@ from ..training.rundir import RunDirectory
 from .plots import plot_run_curves
 from .tables import format_value, markdown_table, results_columns
 
-__all__ = ["results_table", "write_run_report"]
+__all__ = ["class_table", "results_table", "write_run_report"]
 
 
 def results_table(results: dict[str, object], split: str = "test") -> str:
@@ -31,6 +31,33 @@ def results_table(results: dict[str, object], split: str = "test") -> str:
             format_value(dm["value"], decimals=2 if dm["convention"] == "metric_mean" else 4)
         )
     return markdown_table(headers, [row])
+
+
+def class_table(results: dict[str, Any]) -> str | None:
+    """Per-class IoU on test and val of every segmentation task with per-class results,
+    classes sorted by their share of labelled training pixels; ``None`` without any."""
+    tables: list[str] = []
+    for task, info in (results.get("classes") or {}).items():
+        test = results["test"].get("details", {}).get(task, {}).get("iou")
+        if test is None:
+            continue
+        val = results["val"].get("details", {}).get(task, {}).get("iou")
+        pixels = info.get("train_pixels")
+        names = info.get("names") or [str(c) for c in range(len(test))]
+        total = float(sum(pixels)) if pixels else 0.0
+        order = list(range(len(test)))
+        if pixels and total:
+            order.sort(key=lambda c: pixels[c])
+        headers = ["class", "train pixels %", "test IoU ↑"] + (["val IoU ↑"] if val else [])
+        rows = []
+        for c in order:
+            share = f"{100.0 * pixels[c] / total:.2f}" if pixels and total else "-"
+            row = [names[c], share, format_value(test[c])]
+            if val:
+                row.append(format_value(val[c]))
+            rows.append(row)
+        tables.append(f"Task `{task}`:\n\n{markdown_table(headers, rows)}")
+    return "\n\n".join(tables) if tables else None
 
 
 def _get(config: dict[str, Any], section: str, key: str) -> str:
@@ -70,6 +97,9 @@ def write_run_report(run: RunDirectory) -> None:
         dm = results.get("delta_m")
         if dm:
             lines += [f"Δm baseline: {dm['baseline_source']}", ""]
+        classes = class_table(results)
+        if classes is not None:
+            lines += ["## Per class", "", classes, ""]
         lines += ["## Parameters", ""]
         lines += [f"- {k}: {v:,}" for k, v in results["parameters"].items()]
         lines.append("")

@@ -126,3 +126,22 @@ def test_bad_arguments_raise_config_error(kwargs: dict[str, object], match: str)
     with pytest.raises(ConfigError) as info:
         SegmentationMetric(**kwargs)  # type: ignore[arg-type]
     assert match in str(info.value)
+
+
+def test_details_are_per_class_iou_and_pixels_against_sklearn() -> None:
+    c = 5
+    gen = torch.Generator().manual_seed(3)
+    metric = SegmentationMetric(num_classes=c)
+    targets, preds = [], []
+    for b in (2, 3):
+        target = torch.randint(-1, c - 1, (b, 6, 8), generator=gen)  # class 4 never a target
+        pred = torch.randint(0, c - 1, (b, 6, 8), generator=gen)  # nor predicted
+        metric.update(pred, target)
+        targets.append(target.numpy())
+        preds.append(pred.numpy())
+    ref = reference(targets, preds, c)
+    details = metric.details()
+    assert details["iou"][4] is None  # undefined, not 0
+    np.testing.assert_allclose(details["iou"][:4], ref["iou"][:4], rtol=1e-12)
+    t = np.concatenate([x.ravel() for x in targets])
+    assert details["pixels"] == [float((t == k).sum()) for k in range(c)]

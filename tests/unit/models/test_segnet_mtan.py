@@ -458,3 +458,53 @@ def test_mtan_wraps_an_encoder_only_backbone() -> None:
     }
     sum(_losses(model(x), target).values()).backward()  # type: ignore[union-attr]
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_single_task_network_stan_is_one_reference_stan_per_task() -> None:
+    """The MTAN paper's STAN row (#P 4.56) is three single-task attention networks."""
+    torch.manual_seed(0)
+    backbone = BACKBONES.get("segnet")
+    with torch.device("meta"):
+        model = ARCHITECTURES.get("single_task")(
+            tasks=dict(TASKS),
+            backbone=lambda: backbone(input_shape=NYU_SHAPE, width=1.0),
+            head=segnet_head,
+            network="stan",
+        )
+    assert isinstance(model, MultiTaskModel)
+    check_parameter_partition(model)
+    columns = {t: sum(p.numel() for p in model.task_parameters(t)) for t in TASKS}
+    assert columns["semantic"] == 38_185_805  # the reference STAN
+    for task in TASKS:
+        alone = _build("stan", {task: TASKS[task]}, width=1.0, shape=NYU_SHAPE, meta=True)
+        assert columns[task] == _count(alone)
+    assert _count(model) == sum(columns.values())
+
+
+def test_single_task_network_stan_forward_and_errors() -> None:
+    backbone = BACKBONES.get("segnet")
+    model = ARCHITECTURES.get("single_task")(
+        tasks=dict(TASKS),
+        backbone=lambda: backbone(input_shape=SMALL_SHAPE, width=1 / 8),
+        head=segnet_head,
+        network="stan",
+    )
+    out = model(torch.rand(2, *SMALL_SHAPE))
+    assert {t: tuple(v.shape) for t, v in out.items()} == {
+        "semantic": (2, 13, 32, 48),
+        "depth": (2, 1, 32, 48),
+        "normal": (2, 3, 32, 48),
+    }
+    assert set(model(torch.rand(1, *SMALL_SHAPE), task="depth")) == {"depth"}
+    # a task's loss reaches only its own column
+    out["depth"].sum().backward()
+    assert all(p.grad is None for p in model.task_parameters("semantic"))
+    assert any(p.grad is not None for p in model.task_parameters("depth"))
+    with pytest.raises(ConfigError, match="cannot nest"):
+        ARCHITECTURES.get("single_task")(
+            tasks=dict(TASKS), backbone=lambda: None, head=segnet_head, network="single_task"
+        )
+    with pytest.raises(ConfigError, match="unknown architecture .stann.. Did you mean .stan."):
+        ARCHITECTURES.get("single_task")(
+            tasks=dict(TASKS), backbone=lambda: None, head=segnet_head, network="stann"
+        )
