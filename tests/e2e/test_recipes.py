@@ -94,3 +94,22 @@ def test_grid_cells_train_one_step(grid: Path, tmp_path: Path) -> None:
         results = Trainer(build_components(config), run, console=False).fit()
         assert results["test"]["metrics"], cell
         assert run.read_metrics()[0]["epoch"] == 0
+
+
+@pytest.mark.parametrize(("val_size", "warned"), [(0, True), (1, False)])
+def test_choosing_the_epoch_on_the_test_split_is_warned(
+    tmp_path: Path, val_size: int, warned: bool
+) -> None:
+    overrides = [
+        *TINY,
+        *_data_overrides("nyuv2", tmp_path),
+        f"data.options.val_size={val_size}",
+        "data.options.limit=2",
+        "train.selection.protocol=best",
+        "train.selection.last_n=1",
+    ]
+    config = load_config(CONFIGS / "nyuv2" / "mtan-paper.yaml", overrides)
+    run = RunDirectory.create(tmp_path / "run", to_dict(config))
+    Trainer(build_components(config), run, console=False).fit()
+    log = (run.path / "train.log").read_text(encoding="utf-8")
+    assert ("the epoch is chosen on the test split" in log) is warned

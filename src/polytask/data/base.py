@@ -35,7 +35,10 @@ SPLITS = ("train", "val", "test")
 class DataBundle:
     """The tasks and the train / val / test splits of one data set.
 
-    ``val`` is used for model selection and must not be the test split.
+    ``val`` is used for model selection. It should be a split of its own; data sets whose
+    published protocol has none (NYUv2 and CityScapes evaluate the test split every epoch)
+    may make it the test split itself, and then say so with ``info["val_is_test"] = True``:
+    the trainer warns when such a run chooses its epoch on it (``selection.protocol: best``).
     """
 
     tasks: dict[str, Task]

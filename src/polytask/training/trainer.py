@@ -177,6 +177,14 @@ class Trainer:
                     f"step {self.state.step_in_epoch}"
                 )
             else:
+                if self.c.bundle.info.get("val_is_test") and cfg.train.selection.protocol == "best":
+                    self.log.warning(
+                        f"data set {cfg.data.name!r} validates on its test split "
+                        "(data.options.val_size is 0), and train.selection.protocol is best: "
+                        "the epoch is chosen on the test split, so the test results are "
+                        "optimistic. Hold out a validation split (data.options.val_size) or "
+                        "use selection last or mean_last, as the papers' protocols do."
+                    )
                 groups = self.c.model.describe()
                 self.log.info(
                     f"run {self.run.path}: {cfg.model.architecture} / {cfg.balancer.name} on "
