@@ -221,6 +221,7 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
                 [delta_m(r["test"]["metrics"], baseline, spec.delta_m) for r in cell_runs]
             )
         row["time_s"] = _mean_std([r["train_time_s"] for r in cell_runs])
+        row["parameters"] = sum(cell_runs[0].get("parameters", {}).values())
         rows.append(row)
     headers = ["cell", "seeds"] + [h for _, _, h in columns]
     if baseline is not None:
@@ -230,7 +231,7 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
             if spec.delta_m == "metric_mean"
             else f"Δm ({spec.delta_m}) {arrow}"
         )
-    headers.append("train time s")
+    headers += ["train time s", "parameters"]
     table_rows = []
     for row in rows:
         cells = [row["cell"], str(row["seeds"])]
@@ -239,14 +240,16 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
             cells.append(
                 format_value(*row["delta_m"], decimals=2 if spec.delta_m == "metric_mean" else 4)
             )
-        cells.append(format_value(*row["time_s"]))
+        cells += [format_value(*row["time_s"]), f"{row['parameters']:,}"]
         table_rows.append(cells)
     table = markdown_table(headers, table_rows)
     note = (
-        f"Test split, mean ± standard deviation over seeds. Δm against cell {spec.baseline!r} "
+        "Test split, mean ± standard deviation over seeds; parameters of the network (the "
+        "balancer's own state excluded). "
+        f"Δm against cell {spec.baseline!r} "
         f"({'CAGrad / Nash-MTL convention, percent, lower is better' if spec.delta_m == 'metric_mean' else 'LibMTL convention, fraction, higher is better'})."
         if baseline is not None
-        else "Test split, mean ± standard deviation over seeds."
+        else "Test split, mean ± standard deviation over seeds; parameters of the network."
     )
     header = f"# Grid {spec.name}\n\n"
     if spec.protocol:
@@ -262,10 +265,16 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
         writer = csv.writer(f)
         keys = [f"{t}.{k}" for t, k, _ in columns] + (["delta_m"] if baseline else []) + ["time_s"]
         writer.writerow(
-            ["cell", "seeds", *[f"{k}{suffix}" for k in keys for suffix in ("", "_std")]]
+            [
+                "cell",
+                "seeds",
+                *[f"{k}{suffix}" for k in keys for suffix in ("", "_std")],
+                "parameters",
+            ]
         )
         for row in rows:
-            writer.writerow([row["cell"], row["seeds"], *[v for k in keys for v in row[k]]])
+            values = [v for k in keys for v in row[k]]
+            writer.writerow([row["cell"], row["seeds"], *values, row["parameters"]])
     summary = {
         "grid": spec.name,
         "protocol": spec.protocol,

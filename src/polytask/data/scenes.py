@@ -263,8 +263,8 @@ def _scene(rng: np.random.Generator) -> tuple[FloatArray, list[_Primitive], dict
                     "plain",
                 )
             )
-    if rng.random() < 0.6:  # a ball on the floor, beside the table
-        r = rng.uniform(0.15, 0.4)
+    if rng.random() < 0.7:  # a ball on the floor, beside the table
+        r = rng.uniform(0.2, 0.45)
         bx = rng.uniform(-size[0] + r, size[0] - r)
         bz = rng.uniform(1.2, size[2] - d - r)
         if abs(bx - tx) < tw / 2 + r and abs(bz - tz) < td / 2 + r:
@@ -273,8 +273,8 @@ def _scene(rng: np.random.Generator) -> tuple[FloatArray, list[_Primitive], dict
         prims.append(
             _Primitive(BALL, "sphere", (np.array([bx, r, bz]), r), _colour(rng, BALL), "stripes")
         )
-    if rng.random() < 0.35:  # a lamp on the table
-        r, h_lamp = rng.uniform(0.08, 0.15), rng.uniform(0.3, 0.6)
+    if rng.random() < 0.5:  # a lamp on the table
+        r, h_lamp = rng.uniform(0.1, 0.18), rng.uniform(0.35, 0.7)
         lx = tx + rng.uniform(-tw / 2 + r, tw / 2 - r)
         lz = tz + rng.uniform(-td / 2 + r, td / 2 - r)
         prims.append(
@@ -286,8 +286,8 @@ def _scene(rng: np.random.Generator) -> tuple[FloatArray, list[_Primitive], dict
                 "plain",
             )
         )
-    if rng.random() < 0.5:  # a picture on the back or a side wall
-        pw, ph, thick = rng.uniform(0.5, 1.1), rng.uniform(0.4, 0.8), 0.03
+    if rng.random() < 0.6:  # a picture on the back or a side wall
+        pw, ph, thick = rng.uniform(0.6, 1.2), rng.uniform(0.5, 0.9), 0.03
         py = rng.uniform(1.3, min(2.2, size[1] - ph / 2 - 0.05))
         if rng.random() < 0.5:
             px = rng.uniform(-size[0] + pw / 2, size[0] - pw / 2)
@@ -319,7 +319,7 @@ def _camera(
     """Camera position and the rotation from camera (x right, y down, z forward) to world."""
     position = np.array([rng.uniform(-0.4, 0.4) * size[0], rng.uniform(1.1, 1.7), 0.15])
     yaw = np.radians(rng.uniform(-20, 20))
-    pitch = np.radians(rng.uniform(-28, -8))  # looking down a little
+    pitch = np.radians(rng.uniform(-25, 0))  # level or looking down a little
     flip = np.diag([1.0, -1.0, 1.0])  # camera y points down, world y up
     cy, sy = np.cos(yaw), np.sin(yaw)
     cp, sp = np.cos(pitch), np.sin(pitch)
