@@ -273,8 +273,8 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
             ]
         )
         for row in rows:
-            values = [v for k in keys for v in row[k]]
-            writer.writerow([row["cell"], row["seeds"], *values, row["parameters"]])
+            cells = [v for k in keys for v in row[k]]
+            writer.writerow([row["cell"], row["seeds"], *cells, row["parameters"]])
     summary = {
         "grid": spec.name,
         "protocol": spec.protocol,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import math
-import numbers
 import os
 import struct
 from collections.abc import Mapping, Sequence
@@ -36,6 +35,7 @@ from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
 from ..tasks import Task
+from ._options import check_bool, check_int
 from .augment import DenseMaps, DepthScaling, RandomScaleCropFlip
 from .base import DataBundle
 
@@ -469,20 +469,6 @@ def count_class_pixels(dataset: DenseFolderDataset) -> list[int]:
     return [int(n) for n in total[1:]]
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ConfigError(
-            f"Expected option `{name}` to be an integer >= {minimum}, found {value!r}."
-        )
-    return int(value)
-
-
-def _check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"Expected option `{name}` to be true or false, found {value!r}.")
-    return value
-
-
 def dense_bundle(
     layout: DenseLayout,
     tasks: Mapping[str, Task],
@@ -512,11 +498,11 @@ def dense_bundle(
             f"Expected option `root` to be the path of the {layout.name} folder "
             f"({layout.pattern}), found {root!r}. {layout.source}"
         )
-    augment = _check_bool("augment", augment)
-    val_size = _check_int("val_size", val_size, 0)
-    seed = _check_int("seed", seed, 0)
+    augment = check_bool("augment", augment)
+    val_size = check_int("val_size", val_size, 0)
+    seed = check_int("seed", seed, 0)
     if limit is not None:
-        limit = _check_int("limit", limit, 1)
+        limit = check_int("limit", limit, 1)
     path = Path(root).expanduser()
     train_files = scan_split(path, "train", layout)
     test_files = scan_split(path, "val", layout, train_files)

@@ -41,6 +41,7 @@ from ..losses import CrossEntropyLoss, MSELoss
 from ..metrics.classification import Accuracy
 from ..metrics.regression import RegressionMetric
 from ..tasks import Task
+from ._options import check_int
 from .base import DATASETS, SPLITS, DataBundle
 from .tensor import TensorMTLDataset
 
@@ -305,14 +306,6 @@ def _make_tasks(with_sum: bool) -> dict[str, Task]:
     return tasks
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ConfigError(
-            f"Expected option `{name}` to be an integer >= {minimum}, found {value!r}."
-        )
-    return int(value)
-
-
 def _check_fraction(name: str, value: object) -> float:
     if (
         isinstance(value, bool)
@@ -384,12 +377,12 @@ def multidigits(
         (torch.Size([1, 16, 16]), ['left', 'right', 'sum'])
     """
     sizes = {
-        "train": _check_int("n_train", n_train, 1),
-        "val": _check_int("n_val", n_val, 1),
-        "test": _check_int("n_test", n_test, 1),
+        "train": check_int("n_train", n_train, 1),
+        "val": check_int("n_val", n_val, 1),
+        "test": check_int("n_test", n_test, 1),
     }
-    seed = _check_int("seed", seed, 0)
-    canvas = _check_int("canvas", canvas, MIN_CANVAS)
+    seed = check_int("seed", seed, 0)
+    canvas = check_int("canvas", canvas, MIN_CANVAS)
     for name, flag in (("with_sum", with_sum), ("multi_input", multi_input)):
         if not isinstance(flag, bool):
             raise ConfigError(f"Expected option `{name}` to be true or false, found {flag!r}.")

@@ -32,7 +32,6 @@ whatever the split's size, and the same seed gives the same bytes.
 from __future__ import annotations
 
 import functools
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ import numpy.typing as npt
 import torch
 
 from ..errors import ConfigError
+from ._options import check_int
 from .augment import DenseMaps, RandomScaleCropFlip
 from .base import DATASETS, DataBundle
 from .nyuv2_tasks import nyuv2_tasks
@@ -498,14 +498,6 @@ class ScenesDataset(TensorMTLDataset):
 _AUGMENT = RandomScaleCropFlip()
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ConfigError(
-            f"Expected option `{name}` to be an integer >= {minimum}, found {value!r}."
-        )
-    return int(value)
-
-
 @DATASETS.register("scenes")
 def scenes(
     *,
@@ -539,13 +531,13 @@ def scenes(
         (torch.Size([3, 32, 40]), ['depth', 'normal', 'semantic'])
     """
     sizes = {
-        "train": _check_int("n_train", n_train, 1),
-        "val": _check_int("n_val", n_val, 1),
-        "test": _check_int("n_test", n_test, 1),
+        "train": check_int("n_train", n_train, 1),
+        "val": check_int("n_val", n_val, 1),
+        "test": check_int("n_test", n_test, 1),
     }
-    height = _check_int("height", height, 32)
-    width = _check_int("width", width, 32)
-    seed = _check_int("seed", seed, 0)
+    height = check_int("height", height, 32)
+    width = check_int("width", width, 32)
+    seed = check_int("seed", seed, 0)
     if not isinstance(augment, bool):
         raise ConfigError(f"Expected option `augment` to be true or false, found {augment!r}.")
     if metric_protocol not in ("dataset", "per_batch"):
@@ -597,7 +589,7 @@ def write_scenes(
     for folder, split, n in (("train", "train", n_train), ("val", "test", n_test)):
         for modality in ("image", "label", "depth", "normal"):
             (root / folder / modality).mkdir(parents=True, exist_ok=True)
-        for i in range(_check_int(f"n_{split}", n, 1)):
+        for i in range(check_int(f"n_{split}", n, 1)):
             frame = render(seed, split, i, height, width)
             arrays: Sequence[tuple[str, npt.NDArray[Any]]] = (
                 ("image", frame.image),
