@@ -113,3 +113,32 @@ def test_choosing_the_epoch_on_the_test_split_is_warned(
     Trainer(build_components(config), run, console=False).fit()
     log = (run.path / "train.log").read_text(encoding="utf-8")
     assert ("the epoch is chosen on the test split" in log) is warned
+
+
+def test_a_test_split_that_validates_is_evaluated_once_per_epoch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import polytask.training.trainer as trainer_module
+
+    calls: list[int] = []
+    original = trainer_module.evaluate
+
+    def counting(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(trainer_module, "evaluate", counting)
+    overrides = [
+        *TINY,
+        *_data_overrides("nyuv2", tmp_path),
+        "train.epochs=2",
+        "train.selection.last_n=2",
+    ]
+    config = load_config(CONFIGS / "nyuv2" / "cagrad-protocol.yaml", overrides)
+    config.eval.baseline = None
+    run = RunDirectory.create(tmp_path / "run", to_dict(config))
+    results = Trainer(build_components(config), run, console=False).fit()
+    assert len(calls) == 2  # one evaluation per epoch, not two
+    assert results["test"] == results["val"]
+    records = run.read_metrics()
+    assert all(r["test"] == r["val"] for r in records)

@@ -429,7 +429,9 @@ class Trainer:
         }
         sel = cfg.train.selection
         if sel.protocol == "mean_last" and epoch >= cfg.train.epochs - sel.last_n:
-            record["test"] = self._evaluate("test").to_dict()
+            # a data set that validates on its test split (val_is_test) is evaluated once
+            same = c.bundle.val is c.bundle.test
+            record["test"] = record["val"] if same else self._evaluate("test").to_dict()
         improved = s.best_score is None or (
             score > s.best_score if higher else score < s.best_score
         )
@@ -509,7 +511,7 @@ class Trainer:
             else:
                 selection["epoch"] = cfg.train.epochs - 1
             val = self._evaluate("val").to_dict()
-            test = self._evaluate("test").to_dict()
+            test = val if c.bundle.val is c.bundle.test else self._evaluate("test").to_dict()
         results: dict[str, Any] = {
             "name": cfg.name,
             "tasks": list(c.tasks),
