@@ -359,7 +359,13 @@ def class_gains(runs: dict[str, list[dict[str, Any]]], baseline_cell: str) -> di
         ]
         correlation: dict[str, float] = {}
         for cell in cells:
-            pairs = [(share[c], g) for c, g in enumerate(gains[cell]) if math.isfinite(g)]
+            # a class that neither the cell nor the baseline learned (IoU 0 in both) has a
+            # gain of 0 that says nothing about data starvation: leave it out
+            pairs = [
+                (share[c], g)
+                for c, g in enumerate(gains[cell])
+                if math.isfinite(g) and max(base[c], base[c] + g) > 0
+            ]
             correlation[cell] = (
                 _spearman([p for p, _ in pairs], [g for _, g in pairs])
                 if len(pairs) > 2
@@ -372,8 +378,9 @@ def class_gains(runs: dict[str, list[dict[str, Any]]], baseline_cell: str) -> di
         note = (
             f"Task {task!r}, test split, IoU in percent, mean over seeds; ΔIoU is a cell's IoU "
             f"minus {baseline_cell!r}'s. Classes sorted by their share of labelled training "
-            "pixels. A negative rank correlation means the cell gains most on the rarest "
-            "classes (the cross-stitch paper's data-starved-class effect)."
+            "pixels. Spearman: the rank correlation of share and gain over the classes that "
+            "the cell or the baseline learned (IoU above 0); negative means the cell gains "
+            "most on the rarest classes (the cross-stitch paper's data-starved-class effect)."
         )
         return {
             "task": task,

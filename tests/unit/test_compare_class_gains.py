@@ -42,6 +42,20 @@ def test_gains_are_cell_mean_minus_baseline_mean_sorted_by_share() -> None:
     assert "Spearman" in result["table"] and "b" in result["table"]
 
 
+def test_classes_learned_by_neither_are_left_out_of_the_correlation() -> None:
+    runs = {
+        "single": [_run([80.0, 0.0, 50.0, 20.0], PIXELS)],
+        "mtl": [_run([70.0, 0.0, 60.0, 10.0], PIXELS)],
+    }
+    result = class_gains(runs, "single")
+    assert result is not None
+    assert result["gain"]["mtl"] == pytest.approx([0.0, -10.0, 10.0, -10.0])  # b, d, c, a
+    # b (IoU 0 in both) is out: the correlation is over d, c, a only
+    assert result["spearman"]["mtl"] == pytest.approx(
+        spearmanr([4.0, 25.0, 70.0], [-10.0, 10.0, -10.0]).statistic
+    )
+
+
 def test_no_per_class_results_no_table() -> None:
     plain = {"test": {"metrics": {}}, "val": {"metrics": {}}}
     assert class_gains({"single": [plain], "mtl": [plain]}, "single") is None
