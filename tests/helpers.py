@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from torch import Tensor
 
@@ -85,3 +87,52 @@ def seeded_jacobian(kind: str, k: int, seed: int, dim: int = 64) -> Tensor:
     elif kind == "zero_rows":
         j[:: max(2, k // 2)] = 0.0
     return j
+
+
+# -- the command line, in-process ------------------------------------------------------------
+
+PREFIX = "polytask: error:"
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
+    """Run ``polytask ARGS`` in-process; returns (exit code, stdout, stderr)."""
+    from polytask.cli import main
+
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_error(code: int, err: str, *fragments: str, whole: bool = False) -> str:
+    """Exit code 2 and one ``polytask: error:`` message containing every fragment
+    (with ``whole``, that line is all of stderr)."""
+    assert "Traceback" not in err, err
+    assert code == 2, f"exit code {code}, stderr:\n{err}"
+    lines = [line for line in err.splitlines() if line.startswith(PREFIX)]
+    assert len(lines) == 1, f"expected one error line, stderr:\n{err}"
+    assert err.startswith(PREFIX), f"stderr has more than the message:\n{err}"
+    if whole:
+        assert len(err.strip().splitlines()) == 1, f"stderr has more than one line:\n{err}"
+    message = err[len(PREFIX) :].strip()
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in the message {message!r}"
+    return message
+
+
+def snapshot(root: Path) -> dict[str, Any]:
+    """Every path under ``root`` with its content hash, size and modification time."""
+    state: dict[str, Any] = {}
+    if not root.exists():
+        return state
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_dir():
+            state[rel] = "dir"
+        else:
+            st = path.stat()
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            state[rel] = (digest, st.st_size, st.st_mtime_ns)
+    return state

@@ -9,7 +9,6 @@ modification time). Most cases call :func:`polytask.cli.main` in-process for spe
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import subprocess
 import sys
@@ -20,12 +19,11 @@ import pytest
 import torch
 import yaml
 
+from helpers import PREFIX, assert_error, cli, snapshot
 from polytask.balancing import BALANCERS
 from polytask.cli import main
 from polytask.data import DATASETS
 from polytask.models import ARCHITECTURES, BACKBONES
-
-PREFIX = "polytask: error:"
 
 #: A recipe that trains in well under a second on the CPU.
 TINY_RECIPE: dict[str, Any] = {
@@ -46,45 +44,6 @@ TINY_RECIPE: dict[str, Any] = {
 
 
 # -- helpers ------------------------------------------------------------------------------
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
-    """Run ``polytask ARGS`` in-process; returns (exit code, stdout, stderr)."""
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as exc:  # argparse's own errors
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_error(code: int, err: str, *fragments: str) -> str:
-    """Exit code 2 and one ``polytask: error:`` message containing every fragment."""
-    assert "Traceback" not in err, err
-    assert code == 2, f"exit code {code}, stderr:\n{err}"
-    lines = [line for line in err.splitlines() if line.startswith(PREFIX)]
-    assert len(lines) == 1, f"expected one error line, stderr:\n{err}"
-    assert err.startswith(PREFIX), f"stderr has more than the message:\n{err}"
-    message = err[len(PREFIX) :].strip()
-    for fragment in fragments:
-        assert fragment in message, f"{fragment!r} not in the message {message!r}"
-    return message
-
-
-def snapshot(root: Path) -> dict[str, Any]:
-    """Every path under ``root`` with its content hash, size and modification time."""
-    state: dict[str, Any] = {}
-    if not root.exists():
-        return state
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root).as_posix()
-        if path.is_dir():
-            state[rel] = "dir"
-        else:
-            st = path.stat()
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
-            state[rel] = (digest, st.st_size, st.st_mtime_ns)
-    return state
 
 
 def assert_preserved(before: dict[str, Any], after: dict[str, Any]) -> None:
