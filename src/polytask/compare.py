@@ -16,7 +16,9 @@ A grid file is YAML::
 
 Every (cell, seed) is one run directory ``GRID_DIR/CELL/seed-K``. Running the grid again
 skips finished runs and resumes interrupted ones, so a grid can be extended cell by cell.
-Results go to ``GRID_DIR/results.md``, ``results.csv``, ``results.json`` and the baseline
+Results (every metric as mean ± std over seeds, Delta_m, each cell's mean rank over the
+metric columns, training time, parameters) go to ``GRID_DIR/results.md``, ``results.csv``,
+``results.json`` and the baseline
 derived from the baseline cell to ``GRID_DIR/baseline.json``. Where the runs have a
 segmentation task with per-class results, ``results.md`` also has the per-class IoU gain of
 every cell over the baseline cell against the class's share of training pixels (the
@@ -25,17 +27,20 @@ cross-stitch paper's data-starved-class analysis).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import statistics
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from tqdm import tqdm
 
 from ._meta import package_version
 from .config import (
@@ -54,7 +59,7 @@ from .training.build import build_components
 from .training.rundir import RunDirectory
 from .training.trainer import Trainer
 
-__all__ = ["GridSpec", "load_grid", "run_grid", "summarize_grid"]
+__all__ = ["GridSpec", "load_grid", "mean_ranks", "run_grid", "summarize_grid"]
 
 
 @dataclass
@@ -135,6 +140,7 @@ def run_grid(
                     )
     grid_dir.mkdir(parents=True, exist_ok=True)
     (grid_dir / "grid.yaml").write_text(Path(path).read_text(encoding="utf-8"), encoding="utf-8")
+    progress = GridProgress(len(configs) * len(spec.seeds), enabled=console)
     for cell, config in configs.items():
         for seed in spec.seeds:
             cfg = _cell_config(config, spec, cell, seed)
@@ -142,22 +148,112 @@ def run_grid(
             if (run_path / "config.yaml").exists():
                 run = RunDirectory.open(run_path)
                 if run.read_results() is not None:
-                    if console:
-                        print(f"[{cell} seed {seed}] finished earlier: {run_path}")
+                    progress.skip(cell, seed, f"finished earlier: {run_path}")
                     continue
                 if run.last_checkpoint.exists():
-                    if console:
-                        print(f"[{cell} seed {seed}] resuming {run_path}")
-                    Trainer(build_components(cfg), run, console=console).fit(resume=True)
+                    with progress.run(cell, seed, f"resuming {run_path}"):
+                        Trainer(build_components(cfg), run, console=console).fit(resume=True)
                     continue
                 for child in run_path.iterdir():  # never got to a checkpoint: start afresh
                     if child.is_file():
                         child.unlink()
-            if console:
-                print(f"[{cell} seed {seed}] training -> {run_path}")
-            run = RunDirectory.create(run_path, to_dict(cfg))
-            Trainer(build_components(cfg), run, console=console).fit()
+            with progress.run(cell, seed, f"training -> {run_path}"):
+                run = RunDirectory.create(run_path, to_dict(cfg))
+                Trainer(build_components(cfg), run, console=console).fit()
+    progress.close()
     return summarize_grid(grid_dir, spec)
+
+
+def mean_ranks(
+    rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, bool]]
+) -> dict[str, float]:
+    """Each cell's mean rank over the metric columns (1 = best; ties share their mean rank).
+
+    ``rows`` are the grid's rows (``row[f"{task}.{metric}"] = (mean, std)``) and ``columns``
+    ``(task, metric, higher_is_better)``. A cell whose mean is NaN in a column ranks last in it.
+    """
+    if not rows:
+        return {}
+    totals = dict.fromkeys((row["cell"] for row in rows), 0.0)
+    for task, metric, higher in columns:
+        key = f"{task}.{metric}"
+
+        def order_key(row: dict[str, Any], k: str = key, h: bool = higher) -> float:
+            value = float(row[k][0])
+            if math.isnan(value):
+                return math.inf
+            return -value if h else value
+
+        ordered = sorted(rows, key=order_key)
+        i = 0
+        while i < len(ordered):
+            j = i
+            while j + 1 < len(ordered) and order_key(ordered[j + 1]) == order_key(ordered[i]):
+                j += 1
+            for row in ordered[i : j + 1]:
+                totals[row["cell"]] += (i + j) / 2 + 1
+            i = j + 1
+    n = max(len(columns), 1)
+    return {cell: total / n for cell, total in totals.items()}
+
+
+class GridProgress:
+    """The grid's progress: a line per run (``[i/N] [cell seed k] ...``, with the expected
+    time left once a run has been trained) and, on a terminal, a bar naming the cell and seed."""
+
+    def __init__(self, total: int, *, enabled: bool) -> None:
+        self.total, self.enabled = total, enabled
+        self.done = 0
+        self.trained_s: list[float] = []
+        self.to_train = total
+        self.bar: tqdm[Any] | None = None
+        if enabled and sys.stderr.isatty():
+            self.bar = tqdm(total=total, desc="grid", unit="run", dynamic_ncols=True)
+
+    def _line(self, cell: str, seed: int, what: str) -> None:
+        if not self.enabled:
+            return
+        eta = ""
+        if self.trained_s and self.to_train > 0:
+            left = statistics.fmean(self.trained_s) * self.to_train
+            eta = f" (about {_duration(left)} left)"
+        text = f"[{self.done + 1}/{self.total}] [{cell} seed {seed}] {what}{eta}"
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{cell} seed {seed}")
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def skip(self, cell: str, seed: int, what: str) -> None:
+        self._line(cell, seed, what)
+        self.to_train -= 1
+        self._advance()
+
+    @contextlib.contextmanager
+    def run(self, cell: str, seed: int, what: str) -> Iterator[None]:
+        self._line(cell, seed, what)
+        started = time.perf_counter()
+        yield
+        self.trained_s.append(time.perf_counter() - started)
+        self.to_train -= 1
+        self._advance()
+
+    def _advance(self) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float | None]:
@@ -176,6 +272,7 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
             raise ConfigError(f"{grid_dir} is not a grid directory (no grid.yaml).")
         spec = from_dict(GridSpec, read_yaml(grid_file), "grid")
     runs: dict[str, list[dict[str, Any]]] = {}
+    seeds_of: dict[str, list[int]] = {}
     for cell in spec.cells:
         for seed in spec.seeds:
             results_path = grid_dir / cell / f"seed-{seed}" / "results.json"
@@ -183,6 +280,7 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
                 runs.setdefault(cell, []).append(
                     json.loads(results_path.read_text(encoding="utf-8"))
                 )
+                seeds_of.setdefault(cell, []).append(seed)
     if not runs:
         raise ConfigError(f"{grid_dir}: no finished runs yet.")
     first = next(iter(runs.values()))[0]
@@ -214,15 +312,19 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
     rows: list[dict[str, Any]] = []
     for cell, cell_runs in runs.items():
         row: dict[str, Any] = {"cell": cell, "seeds": len(cell_runs)}
+        row["run_seeds"] = seeds_of[cell]
         for t, k, _ in columns:
             row[f"{t}.{k}"] = _mean_std([r["test"]["metrics"][t][k] for r in cell_runs])
         if baseline is not None:
-            row["delta_m"] = _mean_std(
-                [delta_m(r["test"]["metrics"], baseline, spec.delta_m) for r in cell_runs]
-            )
+            per_seed = [delta_m(r["test"]["metrics"], baseline, spec.delta_m) for r in cell_runs]
+            row["delta_m"] = _mean_std(per_seed)
+            row["delta_m_seeds"] = per_seed
         row["time_s"] = _mean_std([r["train_time_s"] for r in cell_runs])
         row["parameters"] = sum(cell_runs[0].get("parameters", {}).values())
         rows.append(row)
+    ranks = mean_ranks(rows, [(t, k, hib[t][k]) for t, k, _ in columns])
+    for row in rows:
+        row["mean_rank"] = ranks[row["cell"]]
     headers = ["cell", "seeds"] + [h for _, _, h in columns]
     if baseline is not None:
         arrow = "↑" if delta_m_higher_is_better(spec.delta_m) else "↓"
@@ -231,7 +333,7 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
             if spec.delta_m == "metric_mean"
             else f"Δm ({spec.delta_m}) {arrow}"
         )
-    headers += ["train time s", "parameters"]
+    headers += ["mean rank ↓", "train time s", "parameters"]
     table_rows = []
     for row in rows:
         cells = [row["cell"], str(row["seeds"])]
@@ -240,9 +342,17 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
             cells.append(
                 format_value(*row["delta_m"], decimals=2 if spec.delta_m == "metric_mean" else 4)
             )
-        cells += [format_value(*row["time_s"]), f"{row['parameters']:,}"]
+        cells += [
+            f"{row['mean_rank']:.2f}",
+            format_value(*row["time_s"]),
+            f"{row['parameters']:,}",
+        ]
         table_rows.append(cells)
     table = markdown_table(headers, table_rows)
+    rank_note = (
+        f" Mean rank: a cell's rank among the {len(rows)} cells in each of the "
+        f"{len(columns)} metric columns (1 = best, ties share), averaged over the columns."
+    )
     note = (
         "Test split, mean ± standard deviation over seeds; parameters of the network (the "
         "balancer's own state excluded). "
@@ -250,7 +360,7 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
         f"({'CAGrad / Nash-MTL convention, percent, lower is better' if spec.delta_m == 'metric_mean' else 'LibMTL convention, fraction, higher is better'})."
         if baseline is not None
         else "Test split, mean ± standard deviation over seeds; parameters of the network."
-    )
+    ) + rank_note
     header = f"# Grid {spec.name}\n\n"
     if spec.protocol:
         header += f"Protocol: {spec.protocol.strip()}\n\n"
@@ -269,12 +379,15 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
                 "cell",
                 "seeds",
                 *[f"{k}{suffix}" for k in keys for suffix in ("", "_std")],
+                "mean_rank",
                 "parameters",
             ]
         )
         for row in rows:
             cells = [v for k in keys for v in row[k]]
-            writer.writerow([row["cell"], row["seeds"], *cells, row["parameters"]])
+            writer.writerow(
+                [row["cell"], row["seeds"], *cells, row["mean_rank"], row["parameters"]]
+            )
     summary = {
         "grid": spec.name,
         "protocol": spec.protocol,
