@@ -59,7 +59,14 @@ from .training.build import build_components
 from .training.rundir import RunDirectory
 from .training.trainer import Trainer
 
-__all__ = ["GridSpec", "load_grid", "mean_ranks", "run_grid", "summarize_grid"]
+__all__ = [
+    "GridSpec",
+    "load_grid",
+    "mean_ranks",
+    "run_grid",
+    "summarize_grid",
+    "verdict_sentence",
+]
 
 
 @dataclass
@@ -368,8 +375,10 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
     per_class_md = ""
     if per_class is not None:
         per_class_md = f"\n## Per-class IoU against training pixels\n\n{per_class['table']}\n\n{per_class['note']}\n"
+    verdict = verdict_sentence(rows, spec.baseline, spec.delta_m) if baseline is not None else None
+    verdict_md = f"\n**Verdict.** {verdict}\n" if verdict else ""
     (grid_dir / "results.md").write_text(
-        f"{header}{table}\n\n{note}\n{per_class_md}", encoding="utf-8"
+        f"{header}{table}\n\n{note}\n{verdict_md}{per_class_md}", encoding="utf-8"
     )
     with (grid_dir / "results.csv").open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
@@ -396,11 +405,48 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
         "rows": rows,
         "baseline": None if baseline is None else baseline.source,
         "per_class": per_class,
+        "verdict": verdict,
     }
     (grid_dir / "results.json").write_text(
         json.dumps(summary, indent=2, default=str), encoding="utf-8"
     )
     return summary
+
+
+def verdict_sentence(
+    rows: Sequence[dict[str, Any]], baseline_cell: str | None, convention: str
+) -> str | None:
+    """One plain sentence: does the best cell beat the baseline cell by more than the spread
+    over seeds? ``None`` without a baseline or any other cell with a Delta_m."""
+    others = [
+        r
+        for r in rows
+        if r["cell"] != baseline_cell and "delta_m" in r and math.isfinite(r["delta_m"][0])
+    ]
+    if baseline_cell is None or not others:
+        return None
+    higher = delta_m_higher_is_better(convention)
+    best = (max if higher else min)(others, key=lambda r: r["delta_m"][0])
+    mean, std = best["delta_m"]
+    unit = " %" if convention == "metric_mean" else ""
+    value = f"Δm = {mean:+.2f}{unit}" + (f" ± {std:.2f}" if std is not None else "")
+    better = mean > 0 if higher else mean < 0
+    seeds = f"{best['seeds']} seeds"
+    if better and std is not None and abs(mean) > std:
+        return (
+            f"The best cell, {best['cell']!r} ({value} over {seeds}), beats {baseline_cell!r} "
+            "by more than the standard deviation over seeds."
+        )
+    if better:
+        return (
+            f"The best cell, {best['cell']!r} ({value} over {seeds}), is ahead of "
+            f"{baseline_cell!r} by less than the standard deviation over seeds (or with one "
+            "seed): on this data no cell clearly beats it."
+        )
+    return (
+        f"No cell beats {baseline_cell!r} on this data: the best, {best['cell']!r}, has "
+        f"{value} over {seeds}."
+    )
 
 
 def _spearman(x: Sequence[float], y: Sequence[float]) -> float:
