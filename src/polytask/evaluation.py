@@ -14,6 +14,7 @@ from .data.base import Split
 from .data.loading import JOINT, epoch_schedule, iterate_batches, to_device
 from .metrics.base import Metric
 from .models.base import MultiTaskModel
+from .progress import ProgressFactory
 from .tasks import Task
 
 __all__ = ["EvalResult", "autocast", "evaluate", "split_datasets"]
@@ -77,8 +78,12 @@ def evaluate(
     device: torch.device,
     precision: str = "fp32",
     num_workers: int = 0,
+    progress: ProgressFactory | None = None,
 ) -> EvalResult:
-    """Evaluate ``model`` on a whole split; metrics are exact over the split."""
+    """Evaluate ``model`` on a whole split; metrics are exact over the split.
+
+    ``progress(total, desc)``, when given, shows the progress over the split's batches.
+    """
     was_training = model.training
     model.eval()
     datasets = split_datasets(split, tasks)
@@ -91,6 +96,7 @@ def evaluate(
     }
     loss_sum = {name: 0.0 for name in tasks}
     loss_count = {name: 0.0 for name in tasks}
+    bar = progress(len(steps), "evaluation") if progress is not None else None
     try:
         for batches in iterate_batches(datasets, steps, num_workers=num_workers):
             batches = to_device(batches, device)
@@ -106,8 +112,12 @@ def evaluate(
                 prepared = task.prepare(pred)
                 for metric in metrics[name].values():
                     metric.update(prepared, target, mask)
+            if bar is not None:
+                bar.update(1)
     finally:
         model.train(was_training)
+        if bar is not None:
+            bar.close()
     values: dict[str, dict[str, float]] = {}
     details: dict[str, dict[str, list[float | None]]] = {}
     for name, task_metrics in metrics.items():

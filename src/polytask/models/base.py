@@ -157,6 +157,27 @@ class MultiTaskModel(nn.Module, ABC):
         """
         return None
 
+    def diagnostics(self) -> dict[str, Any]:
+        """Numbers that describe the architecture's learned state, logged once per epoch.
+
+        The trainer stores what this returns in every epoch record of ``metrics.jsonl``
+        under ``"architecture"`` (nothing when it is empty, the default), so reports can draw
+        how the state evolved without the model. Values must be JSON data: numbers, lists
+        and ``{str: ...}`` mappings. Keep it small (it is written every epoch) and cheap.
+        """
+        return {}
+
+    @torch.no_grad()
+    def inspect(self, inputs: Tensor) -> dict[str, Tensor]:
+        """Tensors that show what the architecture does on a few fixed ``inputs``.
+
+        Called once at the end of a run, in evaluation mode and without gradient, on the
+        first validation samples; the trainer stores the result in the run directory
+        (``inspection.npz``) so reports can draw it without the data set or the model. Keys
+        are ``/``-separated names (task names never contain ``/``). Empty by default.
+        """
+        return {}
+
     def optimizer_param_groups(self, lr: float) -> list[dict[str, Any]]:
         """Optimizer parameter groups; override to give parts their own learning rate."""
         return [{"params": list(self.parameters()), "lr": lr, "name": "model"}]

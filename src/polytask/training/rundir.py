@@ -9,7 +9,8 @@ Layout::
       metrics.jsonl      one JSON record per epoch (train losses, weights, val/test metrics)
       checkpoints/       last.pt (resume), best.pt (selected weights)
       results.json       final results (written once training has finished)
-      report.md, plots/  human-readable report
+      inspection.npz     what the architecture shows on a few validation samples (at the end)
+      report.md, report.html, plots/  human-readable reports
       tensorboard/       optional TensorBoard events
 """
 
@@ -25,6 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 
@@ -89,6 +91,10 @@ class RunDirectory:
     @property
     def plots_dir(self) -> Path:
         return self.path / "plots"
+
+    @property
+    def inspection_path(self) -> Path:
+        return self.path / "inspection.npz"
 
     # -- lifecycle -----------------------------------------------------------------------
     @classmethod
@@ -177,6 +183,27 @@ class RunDirectory:
         if not isinstance(data, dict):
             raise ConfigError(f"{self.results_path} is damaged: expected a JSON object.")
         return data
+
+    def write_inspection(self, arrays: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+        """Write ``inspection.npz``: the tensors (as float32 NumPy arrays, float16 for those
+        of more than a million values) and ``meta`` as JSON under the key ``meta``."""
+        data: dict[str, Any] = {}
+        for key, tensor in arrays.items():
+            value = tensor.detach().cpu().float()
+            data[key] = value.half().numpy() if value.numel() > 1_000_000 else value.numpy()
+        data["meta"] = np.array(json.dumps(dict(meta)))
+        tmp = self.inspection_path.with_name(".inspection.tmp.npz")
+        np.savez_compressed(tmp, **data)
+        tmp.replace(self.inspection_path)
+
+    def read_inspection(self) -> tuple[dict[str, np.ndarray[Any, Any]], dict[str, Any]] | None:
+        """The arrays and the meta data of ``inspection.npz``; ``None`` without one."""
+        if not self.inspection_path.is_file():
+            return None
+        with np.load(self.inspection_path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+        meta = json.loads(str(arrays.pop("meta"))) if "meta" in arrays else {}
+        return {k: v.astype(np.float32) for k, v in arrays.items()}, meta
 
     def logger(self, console: bool = True) -> logging.Logger:
         """A logger writing to ``train.log`` (and to stderr when ``console``)."""

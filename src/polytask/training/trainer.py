@@ -10,15 +10,13 @@ on the CPU in deterministic mode).
 from __future__ import annotations
 
 import math
-import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from ..balancing.base import BackwardContext
 from ..config import Config
@@ -27,12 +25,16 @@ from ..errors import CheckpointError, ConfigError, TrainingDiverged
 from ..evaluation import EvalResult, autocast, evaluate, forward_step, split_datasets
 from ..metrics.delta_m import delta_m, delta_m_higher_is_better
 from ..models.base import capture_representation
+from ..progress import Progress
 from .build import Components, check_selection, resolve_shared
 from .checkpoint import FORMAT, check_model_signature, load_checkpoint, model_signature, save_atomic
 from .rundir import RunDirectory
 from .seeding import capture_rng_state, restore_rng_state, seed_everything, set_deterministic
 
-__all__ = ["StepEnd", "Trainer"]
+__all__ = ["INSPECTION_SAMPLES", "StepEnd", "Trainer"]
+
+INSPECTION_SAMPLES = 8
+"""Validation samples (the first ones) that the architecture's ``inspect`` hook sees at the end."""
 
 
 @dataclass
@@ -220,13 +222,12 @@ class Trainer:
         start = s.step_in_epoch
         c.model.train()
         started = time.perf_counter()
-        bar = tqdm(
-            total=len(steps),
+        bar = Progress(
+            len(steps),
+            f"epoch {epoch + 1}/{cfg.train.epochs}",
+            enabled=cfg.train.progress,
+            log=self.log.info,
             initial=start,
-            desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-            disable=not (cfg.train.progress and sys.stderr.isatty()),
-            leave=False,
-            dynamic_ncols=True,
         )
         batches_iter = iterate_batches(
             datasets,
@@ -362,6 +363,9 @@ class Trainer:
             opt.step()
 
     # -- epoch end and selection ---------------------------------------------------------
+    def _progress(self, total: int, desc: str) -> Progress:
+        return Progress(total, desc, enabled=self.cfg.train.progress, log=self.log.info)
+
     def _evaluate(self, split: str) -> EvalResult:
         cfg = self.cfg
         return evaluate(
@@ -372,6 +376,7 @@ class Trainer:
             device=self.c.device,
             precision=cfg.train.precision,
             num_workers=cfg.data.num_workers,
+            progress=lambda total, desc: self._progress(total, f"{split} {desc}"),
         )
 
     def _score(self, result: EvalResult) -> tuple[float, bool]:
@@ -423,6 +428,7 @@ class Trainer:
                     for i, t in enumerate(names)
                 },
             },
+            "architecture": c.model.diagnostics() or None,
             "val": val.to_dict(),
             "score": score,
             "time_s": s.train_time_s,
@@ -535,11 +541,50 @@ class Trainer:
                 "baseline_source": c.baseline.source,
             }
         self.run.write_results(results)
+        weights = (
+            f"epoch {selection['epoch'] + 1} ({'best.pt' if sel.protocol == 'best' else 'last.pt'})"
+            if "epoch" in selection
+            else f"the last epoch, {cfg.train.epochs} (last.pt)"
+        )
+        # the run has its results: what follows only describes it and must not fail it
+        try:
+            self._write_inspection(weights)
+        except Exception as exc:
+            self.log.warning(f"the inspection of the model failed ({type(exc).__name__}: {exc})")
         from ..report import write_run_report
 
-        write_run_report(self.run)
+        try:
+            write_run_report(self.run)
+        except Exception as exc:
+            self.log.warning(f"the report could not be written ({type(exc).__name__}: {exc})")
         self.log.info(f"finished: results in {self.run.results_path}")
         return results
+
+    @torch.no_grad()
+    def _write_inspection(self, weights: str) -> None:
+        """What the architecture's ``inspect`` hook returns on the first validation samples,
+        with those samples, into ``inspection.npz`` (nothing when the hook returns nothing)."""
+        c = self.c
+        split = c.bundle.val
+        source = next(iter(split.values())) if isinstance(split, Mapping) else split
+        n = min(INSPECTION_SAMPLES, len(cast(Sized, source)))
+        inputs = torch.stack([source[i]["input"] for i in range(n)])
+        was_training = c.model.training
+        c.model.eval()
+        try:
+            with autocast(c.device, self.cfg.train.precision):
+                arrays = c.model.inspect(inputs.to(c.device))
+        finally:
+            c.model.train(was_training)
+        if not arrays:
+            return
+        meta = {
+            "architecture": self.cfg.model.architecture,
+            "split": "val",
+            "samples": list(range(n)),
+            "weights": weights,
+        }
+        self.run.write_inspection({"input": inputs, **arrays}, meta)
 
 
 def _class_info(info: Mapping[str, Any], tasks: Mapping[str, Any]) -> dict[str, Any]:

@@ -426,6 +426,30 @@ class CrossStitch(MultiTaskModel):
             for name, unit in zip(self.unit_names, units, strict=True)
         }
 
+    def diagnostics(self) -> dict[str, Any]:
+        """Per unit and target task ``t``: ``alpha_S`` (``alpha[t, t]``) and ``alpha_D``
+        (``sum_{s != t} alpha[t, s]``, what ``t`` takes from the other columns), each the
+        mean over channels with per-channel units.
+
+        ``{"alpha_S": {unit: {task: value}}, "alpha_D": {unit: {task: value}}}``; with the
+        convex initialisation ``init = (alpha_S, alpha_D)`` these start at ``init``.
+        """
+        same: dict[str, dict[str, float]] = {}
+        other: dict[str, dict[str, float]] = {}
+        for unit, alpha in self.alphas().items():
+            per_pair = alpha.double().reshape(alpha.shape[0], alpha.shape[1], -1).mean(-1)
+            diagonal = per_pair.diagonal()
+            rest = per_pair.sum(1) - diagonal
+            same[unit] = dict(zip(self.task_names, diagonal.tolist(), strict=True))
+            other[unit] = dict(zip(self.task_names, rest.tolist(), strict=True))
+        return {"alpha_S": same, "alpha_D": other}
+
+    @torch.no_grad()
+    def inspect(self, inputs: Tensor) -> dict[str, Tensor]:
+        """Every unit's ``alpha`` (see :meth:`alphas`) as ``alpha/<unit>``; the inputs are
+        not needed."""
+        return {f"alpha/{unit}": alpha for unit, alpha in self.alphas().items()}
+
     def optimizer_param_groups(self, lr: float) -> list[dict[str, Any]]:
         """The network at ``lr``; the units at ``lr * lr_multiplier`` without weight decay."""
         units = list(self.units.parameters())

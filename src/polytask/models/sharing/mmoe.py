@@ -150,6 +150,12 @@ class MMoE(MultiTaskModel):
         """
         return dict(self._gate_usage)
 
+    @torch.no_grad()
+    def inspect(self, inputs: Tensor) -> dict[str, Tensor]:
+        """Every task's gate weights on ``inputs``: ``gate/<task>`` of shape
+        ``(B, num_experts)``, each row on the simplex."""
+        return {f"gate/{name}": self.gate_weights(inputs, name) for name in self.task_names}
+
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         return self.experts.parameters()
 

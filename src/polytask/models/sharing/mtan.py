@@ -156,6 +156,7 @@ class MTAN(MultiTaskModel):
         )
         self.track_masks = track_masks
         self._mask_means: dict[str, dict[str, Tensor]] = {}
+        self._recorded: dict[str, Tensor] | None = None
 
     def _net(self) -> StagedBackbone:
         # validated in __init__
@@ -209,6 +210,8 @@ class MTAN(MultiTaskModel):
                 stream = _fit(stream, encoder[j + 1][0].shape[-2:])
             if self.track_masks:
                 means[f"encoder.{j}"] = mask.detach().mean()
+            if self._recorded is not None:
+                self._recorded[f"mask/{task}/encoder.{j}"] = mask.detach().mean(dim=1)
         assert stream is not None
         for d, (up, last) in enumerate(decoder):
             shared = self.shared_decoder_convs[d](_fit(stream, up.shape[-2:]))
@@ -216,6 +219,8 @@ class MTAN(MultiTaskModel):
             stream = mask * last
             if self.track_masks:
                 means[f"decoder.{d}"] = mask.detach().mean()
+            if self._recorded is not None:
+                self._recorded[f"mask/{task}/decoder.{d}"] = mask.detach().mean(dim=1)
         if self.track_masks:
             self._mask_means[task] = means
         return stream
@@ -227,6 +232,18 @@ class MTAN(MultiTaskModel):
         (:attr:`stage_names`). Empty before the first forward pass or without ``track_masks``.
         """
         return {task: dict(means) for task, means in self._mask_means.items()}
+
+    @torch.no_grad()
+    def inspect(self, inputs: Tensor) -> dict[str, Tensor]:
+        """Every task's attention masks on ``inputs``, averaged over channels:
+        ``mask/<task>/<stage>`` of shape ``(B, H_stage, W_stage)``, values in (0, 1), for
+        every stage of :attr:`stage_names` (the MTAN paper's Figure 5 shows such masks)."""
+        self._recorded = {}
+        try:
+            self(inputs)
+            return dict(self._recorded)
+        finally:
+            self._recorded = None
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         yield from self.backbone.parameters()

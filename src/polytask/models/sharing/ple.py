@@ -41,6 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from ...errors import ConfigError
@@ -159,6 +160,7 @@ class PLE(MultiTaskModel):
         self.heads = nn.ModuleDict({name: head(task, features) for name, task in tasks.items()})
         self._gate_usage: list[dict[str, Tensor]] = [{} for _ in range(levels)]
         self._shared_gate_usage: list[Tensor] = []
+        self._recorded: dict[str, Tensor] | None = None
 
     def level(self, j: int) -> ExtractionLevel:
         level = self.levels[j]
@@ -199,10 +201,14 @@ class PLE(MultiTaskModel):
                         gate_in = self.shared_representation(gate_in, f"levels.{j}.{t}.input", t)
                 weights = level.task_gates[t](gate_in if j == 0 else _pool(gate_in))
                 self._gate_usage[j][t] = weights.detach().mean(dim=0)
+                if self._recorded is not None:
+                    self._recorded[f"gate/{j}/{t}"] = weights.detach()
                 outputs[t] = mix_experts(weights, own_read + shared_read)
             if level.shared_gate is not None:
                 weights = level.shared_gate(shared_in if j == 0 else _pool(shared_in))
                 shared_usage.append(weights.detach().mean(dim=0))
+                if self._recorded is not None:
+                    self._recorded[f"shared_gate/{j}"] = weights.detach()
                 everything = [z for t in self.task_names for z in own[t]] + shared
                 shared_in = mix_experts(weights, everything)
             task_in = outputs
@@ -223,6 +229,23 @@ class PLE(MultiTaskModel):
         last (none for CGC), each of shape ``(num_tasks * task_experts + shared_experts,)``:
         every task's experts in task order, then the shared experts."""
         return list(self._shared_gate_usage)
+
+    @torch.no_grad()
+    def inspect(self, inputs: Tensor) -> dict[str, Tensor]:
+        """The gate weights on ``inputs``: ``gate/<level>/<task>`` of shape
+        ``(B, task_experts + shared_experts)`` (the task's own experts first) and, below the
+        last level, ``shared_gate/<level>`` of shape
+        ``(B, num_tasks * task_experts + shared_experts)``; levels numbered from 0.
+        ``gate_layout`` is ``(task_experts, shared_experts)``, which names the columns."""
+        self._recorded = {}
+        try:
+            self(inputs)
+            first = self.level(0)
+            own = len(first.experts_of(self.task_names[0]))
+            layout = torch.tensor([own, len(first.shared_experts)])
+            return {**self._recorded, "gate_layout": layout}
+        finally:
+            self._recorded = None
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         last = len(self.levels) - 1

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -287,6 +287,23 @@ class Sluice(MultiTaskModel):
     def betas(self) -> dict[str, Tensor]:
         """``{task: beta}``, detached copies; entry ``l`` weighs layer ``beta_names[l]``."""
         return {name: self.beta[name].detach().clone() for name in self.task_names}
+
+    def diagnostics(self) -> dict[str, Any]:
+        """``{"alpha": {point: (K S) x (K S) nested list}, "beta": {task: [per layer]},
+        "beta_layers": beta_names}`` (see :meth:`alphas` and :meth:`betas`)."""
+        return {
+            "alpha": {unit: alpha.tolist() for unit, alpha in self.alphas().items()},
+            "beta": {task: beta.tolist() for task, beta in self.betas().items()},
+            "beta_layers": list(self.beta_names),
+        }
+
+    @torch.no_grad()
+    def inspect(self, inputs: Tensor) -> dict[str, Tensor]:
+        """``alpha/<point>`` and ``beta/<task>`` (see :meth:`alphas`, :meth:`betas`); the
+        inputs are not needed."""
+        out = {f"alpha/{unit}": alpha for unit, alpha in self.alphas().items()}
+        out.update({f"beta/{task}": beta for task, beta in self.betas().items()})
+        return out
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         yield from self.units.parameters()
