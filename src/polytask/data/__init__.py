@@ -8,6 +8,7 @@ from __future__ import annotations
 from . import cityscapes as cityscapes
 from . import multidigits as multidigits
 from . import nyuv2 as nyuv2
+from . import qm9 as qm9
 from . import scenes as scenes
 from .base import DATASETS, SPLITS, DataBundle
 from .tensor import TensorMTLDataset

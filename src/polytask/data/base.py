@@ -2,11 +2,21 @@
 
 A sample is a mapping with the keys
 
-- ``"input"``: a tensor (or any collatable structure) fed to the model;
+- ``"input"``: a tensor (or any collatable structure) fed to the model: for a graph, a
+  mapping of tensors (see :mod:`polytask.data.graphs`);
 - ``"targets"``: ``{task name: tensor}``, one entry for every task, labelled or not (a filler
   value where the label is missing, so that samples collate into batches);
 - ``"mask"`` (optional): ``{task name: bool tensor of shape ()}``, false where the sample has
   no label for that task. Without ``"mask"`` every sample is labelled for every task.
+
+Samples become batches by PyTorch's default collation (tensors stacked along a new first
+dimension), unless the data set defines a method ``collate(samples) -> batch``: then every
+loader uses it. Data sets of variable-size samples, such as graphs, need one
+(:func:`polytask.data.graphs.collate_graphs`). Either way a batch is
+``{"input": ..., "targets": {task: tensor}, "mask": ...}`` with the targets' first dimension
+the number of samples: polytask counts samples from the targets, never from the input, so
+an input may be any structure of tensors the model reads (a graph batch is a dict of tensors,
+moved to the device like any other).
 
 In **single-input** mode (the usual case: one batch carries every task's labels) each split
 is one ``Dataset``. In **multi-input** mode every task has a data set of its own, and each

@@ -123,7 +123,11 @@ def iterate_batches(
     seed: int = 0,
     pin_memory: bool = False,
 ) -> Iterator[dict[str, Any]]:
-    """Yield ``{key: collated batch}`` for each step, loading with one DataLoader per key."""
+    """Yield ``{key: collated batch}`` for each step, loading with one DataLoader per key.
+
+    A data set that has a ``collate(samples) -> batch`` method (graphs, variable-size inputs)
+    is collated with it; others with PyTorch's default collation.
+    """
     iterators: dict[str, Iterator[Any]] = {}
     for i, (key, dataset) in enumerate(datasets.items()):
         batch_list = [step[key] for step in steps if key in step]
@@ -137,6 +141,7 @@ def iterate_batches(
             num_workers=num_workers,
             generator=generator,
             pin_memory=pin_memory,
+            collate_fn=getattr(dataset, "collate", None),
         )
         iterators[key] = iter(loader)
     for step in steps:

@@ -568,12 +568,17 @@ class Trainer:
         split = c.bundle.val
         source = next(iter(split.values())) if isinstance(split, Mapping) else split
         n = min(INSPECTION_SAMPLES, len(cast(Sized, source)))
-        inputs = torch.stack([source[i]["input"] for i in range(n)])
+        samples = [source[i] for i in range(n)]
+        collate = getattr(source, "collate", None)
+        if collate is not None:  # graphs and other inputs that only their data set can batch
+            inputs = collate(samples)["input"]
+        else:
+            inputs = torch.stack([sample["input"] for sample in samples])
         was_training = c.model.training
         c.model.eval()
         try:
             with autocast(c.device, self.cfg.train.precision):
-                arrays = c.model.inspect(inputs.to(c.device))
+                arrays = c.model.inspect(to_device(inputs, c.device))
         finally:
             c.model.train(was_training)
         if not arrays:
@@ -584,7 +589,8 @@ class Trainer:
             "samples": list(range(n)),
             "weights": weights,
         }
-        self.run.write_inspection({"input": inputs, **arrays}, meta)
+        stored = {"input": inputs} if isinstance(inputs, Tensor) else {}
+        self.run.write_inspection({**stored, **arrays}, meta)
 
 
 def _class_info(info: Mapping[str, Any], tasks: Mapping[str, Any]) -> dict[str, Any]:
