@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from . import cityscapes as cityscapes
 from . import multidigits as multidigits
+from . import multimnist as multimnist
 from . import nyuv2 as nyuv2
 from . import qm9 as qm9
 from . import scenes as scenes
