@@ -30,8 +30,9 @@ TINY = [
     "train.progress=false",
     "data.batch_size=2",
     "data.num_workers=0",
-    "model.backbone_options.width=0.0625",
 ]
+#: the dense-prediction recipes' SegNet at 1/16 width
+NARROW = ["model.backbone_options.width=0.0625"]
 
 
 def _data_overrides(dataset: str, tmp: Path) -> list[str]:
@@ -39,20 +40,23 @@ def _data_overrides(dataset: str, tmp: Path) -> list[str]:
         root = tmp / "nyuv2"
         if not root.exists():
             dl.write_nyuv2(root, train=2, val=2)
-        return [f"data.options.root={root}"]
+        return [*NARROW, f"data.options.root={root}"]
     if dataset == "cityscapes":
         root = tmp / "cityscapes"
         if not root.exists():
             dl.write_cityscapes(root, train=2, val=2)
-        return [f"data.options.root={root}"]
+        return [*NARROW, f"data.options.root={root}"]
     if dataset == "scenes":
         return [
+            *NARROW,
             "data.options.n_train=2",
             "data.options.n_val=2",
             "data.options.n_test=2",
             "data.options.height=32",
             "data.options.width=48",
         ]
+    if dataset in ("solarflare", "penguins"):
+        return ["data.batch_size=256"]  # the real tables, in a few batches
     raise AssertionError(f"no test data for {dataset}")
 
 

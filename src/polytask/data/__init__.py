@@ -9,8 +9,10 @@ from . import cityscapes as cityscapes
 from . import multidigits as multidigits
 from . import multimnist as multimnist
 from . import nyuv2 as nyuv2
+from . import penguins as penguins
 from . import qm9 as qm9
 from . import scenes as scenes
+from . import solarflare as solarflare
 from .base import DATASETS, SPLITS, DataBundle
 from .tensor import TensorMTLDataset
 
