@@ -1,5 +1,6 @@
 """Backbones that architectures wrap; each registered in :data:`polytask.models.BACKBONES`."""
 
+from .lenet import LeNet
 from .mpnn import MPNN
 from .resnet import BasicBlock, ResNet
 from .segnet import SegNet
@@ -9,3 +10,4 @@ from .staged import StagedBackbone, StageOutput, StageSpec, run_stages
 __all__ = ["MLP", "SegNet", "SmallCNN", "StageOutput", "StageSpec", "StagedBackbone", "run_stages"]
 __all__ += ["BasicBlock", "ResNet"]
 __all__ += ["MPNN"]
+__all__ += ["LeNet"]
