@@ -110,6 +110,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from .compare import summarize_grid
     from .errors import ConfigError
+    from .report.grid_html import write_grid_html
     from .report.run_report import write_run_report
     from .training.rundir import RunDirectory
 
@@ -117,12 +118,15 @@ def _cmd_report(args: argparse.Namespace) -> int:
         path = Path(d)
         if (path / "grid.yaml").is_file():
             summary = summarize_grid(path)
+            write_grid_html(path)
             print(summary["table"])
             print(f"written: {path / 'results.md'}")
+            print(f"written: {path / 'report.html'}")
         elif (path / "config.yaml").is_file():
             run = RunDirectory.open(path)
             write_run_report(run)
             print(f"written: {path / 'report.md'}")
+            print(f"written: {path / 'report.html'}")
         else:
             raise ConfigError(f"{path} is neither a run directory nor a grid directory.")
     return 0

@@ -275,10 +275,12 @@ def test_report_rewrites_the_report(
     original = (run / "report.md").read_text(encoding="utf-8")
     (run / "report.md").write_text("stale\n", encoding="utf-8")
     (run / "plots" / "curves.png").unlink()
-    untouched = {k: v for k, v in snapshot(run).items() if not k.startswith(("report.md", "plots"))}
+    reports = ("report.md", "report.html", "plots")
+    untouched = {k: v for k, v in snapshot(run).items() if not k.startswith(reports)}
     code, out, err = cli(capsys, "report", run)
     assert code == 0, err
-    assert out.strip() == f"written: {run / 'report.md'}"
+    assert out.splitlines() == [f"written: {run / 'report.md'}", f"written: {run / 'report.html'}"]
+    assert (run / "report.html").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
     assert (run / "report.md").read_text(encoding="utf-8") == original
     assert (run / "plots" / "curves.png").read_bytes().startswith(b"\x89PNG")
     after = snapshot(run)
@@ -427,6 +429,8 @@ def test_report_of_a_grid_directory(
     assert code == 0, err
     assert table_lines(out) == table_lines(grid["out"])
     assert f"written: {grid['dir'] / 'results.md'}" in out
+    assert f"written: {grid['dir'] / 'report.html'}" in out
+    assert (grid["dir"] / "report.html").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
 
 
 def _changed_grid(grid: dict[str, Any], tmp_path: Path) -> tuple[Path, Path]:

@@ -7,10 +7,11 @@ from typing import Any
 import yaml
 
 from ..training.rundir import RunDirectory
-from .plots import plot_run_curves
+from .figures import weights_figure
+from .plots import plot_run_curves, save_plot
 from .tables import format_value, markdown_table, results_columns
 
-__all__ = ["class_table", "results_table", "write_run_report"]
+__all__ = ["class_rows", "class_table", "results_table", "write_run_report"]
 
 
 def results_table(results: dict[str, object], split: str = "test") -> str:
@@ -33,10 +34,10 @@ def results_table(results: dict[str, object], split: str = "test") -> str:
     return markdown_table(headers, [row])
 
 
-def class_table(results: dict[str, Any]) -> str | None:
-    """Per-class IoU on test and val of every segmentation task with per-class results,
-    classes sorted by their share of labelled training pixels; ``None`` without any."""
-    tables: list[str] = []
+def class_rows(results: dict[str, Any]) -> dict[str, tuple[list[str], list[list[str]]]]:
+    """Per segmentation task with per-class results: the headers and rows of its per-class
+    IoU table (test and val), classes sorted by their share of labelled training pixels."""
+    tables: dict[str, tuple[list[str], list[list[str]]]] = {}
     for task, info in (results.get("classes") or {}).items():
         test = results["test"].get("details", {}).get(task, {}).get("iou")
         if test is None:
@@ -56,7 +57,17 @@ def class_table(results: dict[str, Any]) -> str | None:
             if val:
                 row.append(format_value(val[c]))
             rows.append(row)
-        tables.append(f"Task `{task}`:\n\n{markdown_table(headers, rows)}")
+        tables[task] = (headers, rows)
+    return tables
+
+
+def class_table(results: dict[str, Any]) -> str | None:
+    """Per-class IoU on test and val of every segmentation task with per-class results,
+    classes sorted by their share of labelled training pixels; ``None`` without any."""
+    tables = [
+        f"Task `{task}`:\n\n{markdown_table(headers, rows)}"
+        for task, (headers, rows) in class_rows(results).items()
+    ]
     return "\n\n".join(tables) if tables else None
 
 
@@ -65,11 +76,19 @@ def _get(config: dict[str, Any], section: str, key: str) -> str:
     return str(value.get(key, "?")) if isinstance(value, dict) else "?"
 
 
-def write_run_report(run: RunDirectory) -> None:
-    """Write ``report.md`` and ``plots/curves.png`` from what the run directory holds."""
+def write_run_report(run: RunDirectory, *, strict: bool = False) -> None:
+    """Write ``report.md`` (with ``plots/curves.png`` and, where the balancing method changes
+    the task weights, ``plots/weights.png``) and ``report.html`` (see
+    :func:`~polytask.report.run_html.write_run_html`; ``strict`` raises a figure's error
+    instead of writing it in the figure's place) from what the run directory holds."""
     results = run.read_results()
     records = run.read_metrics()
-    curves = plot_run_curves(records, run.plots_dir / "curves.png")
+    hib = results.get("higher_is_better", {}) if results else {}
+    curves = plot_run_curves(records, run.plots_dir / "curves.png", hib)
+    weights_plot = weights_figure(records)
+    weights = (
+        None if weights_plot is None else save_plot(weights_plot, run.plots_dir / "weights.png")
+    )
     config = run.read_config()
     lines = [f"# Run {run.path.name}", ""]
     if results is None:
@@ -105,6 +124,8 @@ def write_run_report(run: RunDirectory) -> None:
         lines.append("")
     if curves is not None:
         lines += ["## Curves", "", f"![curves]({curves.relative_to(run.path)})", ""]
+    if weights is not None:
+        lines += ["## Task weights", "", f"![task weights]({weights.relative_to(run.path)})", ""]
     lines += [
         "## Configuration",
         "",
@@ -114,3 +135,6 @@ def write_run_report(run: RunDirectory) -> None:
         "",
     ]
     (run.path / "report.md").write_text("\n".join(lines), encoding="utf-8")
+    from .run_html import write_run_html
+
+    write_run_html(run, strict=strict)
