@@ -24,7 +24,7 @@ from ..data.loading import epoch_schedule, iterate_batches, to_device
 from ..errors import CheckpointError, ConfigError, TrainingDiverged
 from ..evaluation import EvalResult, autocast, evaluate, forward_step, split_datasets
 from ..metrics.delta_m import delta_m, delta_m_higher_is_better
-from ..models.base import capture_representation
+from ..models.base import MultiTaskModel, capture_representation
 from ..progress import Progress
 from .build import Components, check_selection, resolve_shared
 from .checkpoint import FORMAT, check_model_signature, load_checkpoint, model_signature, save_atomic
@@ -565,6 +565,8 @@ class Trainer:
         """What the architecture's ``inspect`` hook returns on the first validation samples,
         with those samples, into ``inspection.npz`` (nothing when the hook returns nothing)."""
         c = self.c
+        if type(c.model).inspect is MultiTaskModel.inspect:
+            return  # the architecture shows nothing: no need to load samples
         split = c.bundle.val
         source = next(iter(split.values())) if isinstance(split, Mapping) else split
         n = min(INSPECTION_SAMPLES, len(cast(Sized, source)))
