@@ -95,6 +95,7 @@ body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0;
 header { background: #28324a; color: #fff; padding: 1em 2em; }
 header h1 { margin: 0 0 0.3em 0; font-size: 1.5em; }
 header p { margin: 0.2em 0; opacity: 0.9; }
+header a { color: #cfe0ff; }
 nav { padding: 0.5em 2em; background: #e8ebf2; position: sticky; top: 0; font-size: 0.9em; }
 nav a { margin-right: 1em; color: #28324a; }
 main { padding: 0 2em 2em 2em; max-width: 1400px; }

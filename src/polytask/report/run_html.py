@@ -235,6 +235,13 @@ def write_run_html(run: RunDirectory, *, strict: bool = False) -> Path:
         f"{esc((config.get('data') or {}).get('name', '?'))}; tasks {esc(', '.join(tasks))}; "
         f"seed {esc(config.get('seed', '?'))}; {len(records)} epoch(s) logged.</p>"
     )
+    optim, train, data = (config.get(k) or {} for k in ("optim", "train", "data"))
+    subtitle += (
+        f"<p>Optimizer {esc(optim.get('name', '?'))}, learning rate {esc(optim.get('lr', '?'))}, "
+        f"{esc(train.get('epochs', '?'))} epochs, batch size {esc(data.get('batch_size', '?'))}, "
+        f"precision {esc(train.get('precision', '?'))}; the whole configuration is "
+        '<a href="#configuration">below</a>.</p>'
+    )
     sections: list[Section] = []
     if results is None:
         sections.append(
