@@ -18,6 +18,11 @@ stage, the linear layer and its ReLU, computed on the pooled map and returned as
 1x1-convolution attention, act on it too) whose "downsampling" flattens it into the
 ``(N, out_features)`` features the heads read. The cross-stitch paper's placement (after
 pool1, pool2 and the fully connected layers) is then the ``pool`` placement.
+
+Under MTAN two consequences of the 1x1 last stage: the shared 3x3 convolution that follows
+its attention sees a 1x1 map, so only its centre taps act (the others count as parameters
+but never get a gradient), and the batch normalisation of its attention needs training
+batches of at least two samples (``data.drop_last: true`` if the last batch may hold one).
 """
 
 from __future__ import annotations

@@ -30,7 +30,9 @@ class SmallCNN(nn.Module):
       "downsampling" flattens it into the ``(N, out_features)`` features the heads read.
 
     Running the stages computes exactly :meth:`forward`; the modules, their names and the
-    parameters are those of the plain network.
+    parameters are those of the plain network. Its global average pooling discards where
+    things are, which tasks about positions need (use ``lenet`` for MultiMNIST); under MTAN
+    the 1x1 last stage has the consequences described in :mod:`.lenet`.
 
     Args:
         input_shape: ``(channels, height, width)`` of one sample.
