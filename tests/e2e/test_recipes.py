@@ -55,6 +55,8 @@ def _data_overrides(dataset: str, tmp: Path) -> list[str]:
             "data.options.height=32",
             "data.options.width=48",
         ]
+    if dataset == "decathlon":
+        return ["data.options.n_train=4", "data.options.n_val=2", "data.options.n_test=2"]
     if dataset in ("solarflare", "penguins"):
         return ["data.batch_size=256"]  # the real tables, in a few batches
     raise AssertionError(f"no test data for {dataset}")

@@ -6,6 +6,7 @@ Importing this package registers the built-in builders in :data:`DATASETS`.
 from __future__ import annotations
 
 from . import cityscapes as cityscapes
+from . import decathlon as decathlon
 from . import multidigits as multidigits
 from . import multimnist as multimnist
 from . import nyuv2 as nyuv2

@@ -13,11 +13,13 @@ registered in :data:`METRICS`:
 * ``"regression"``: :class:`RegressionMetric` (``mae``, ``rmse``)
 
 Delta_m, in either of its two named conventions, is :func:`delta_m` against a
-:class:`Baseline`.
+:class:`Baseline`; the decathlon score of Rebuffi et al. (many classification tasks at once)
+is :func:`decathlon_score` against the same baseline.
 """
 
 from .base import Metric, Reduction, select_labelled
 from .classification import Accuracy
+from .decathlon import decathlon_score
 from .delta_m import DELTA_M_CONVENTIONS, Baseline, delta_m, delta_m_higher_is_better
 from .depth import PROTOCOLS, DepthMetric, MetricProtocol
 from .normals import THRESHOLDS, NormalMetric
@@ -39,6 +41,7 @@ __all__ = [
     "Reduction",
     "RegressionMetric",
     "SegmentationMetric",
+    "decathlon_score",
     "delta_m",
     "delta_m_higher_is_better",
     "select_labelled",
