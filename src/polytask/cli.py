@@ -104,13 +104,18 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     print(summary["table"])
     print()
     print(summary["note"])
+    if summary.get("verdict"):
+        print()
+        print(summary["verdict"])
+    if summary.get("html"):
+        print()
+        print(f"report: {summary['html']}")
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from .compare import summarize_grid
     from .errors import ConfigError
-    from .report.grid_html import write_grid_html
     from .report.run_report import write_run_report
     from .training.rundir import RunDirectory
 
@@ -118,10 +123,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
         path = Path(d)
         if (path / "grid.yaml").is_file():
             summary = summarize_grid(path)
-            write_grid_html(path)
             print(summary["table"])
             print(f"written: {path / 'results.md'}")
-            print(f"written: {path / 'report.html'}")
+            if summary.get("html"):
+                print(f"written: {summary['html']}")
         elif (path / "config.yaml").is_file():
             run = RunDirectory.open(path)
             write_run_report(run)

@@ -53,6 +53,7 @@ from .config import (
     to_dict,
 )
 from .errors import ConfigError
+from .metrics.decathlon import decathlon_score
 from .metrics.delta_m import Baseline, delta_m, delta_m_higher_is_better
 from .report.tables import format_value, markdown_table, results_columns
 from .training.build import build_components
@@ -83,6 +84,9 @@ class GridSpec:
     delta_m: Literal["metric_mean", "task_mean"] = "metric_mean"
     #: the protocol's name and where it comes from; every results table names it
     protocol: str | None = None
+    #: also score every cell with the decathlon score (Rebuffi et al. 2017) of its tasks'
+    #: accuracies against the baseline cell's (see polytask.metrics.decathlon_score)
+    decathlon_score: bool = False
 
 
 def load_grid(
@@ -326,6 +330,10 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
             per_seed = [delta_m(r["test"]["metrics"], baseline, spec.delta_m) for r in cell_runs]
             row["delta_m"] = _mean_std(per_seed)
             row["delta_m_seeds"] = per_seed
+            if spec.decathlon_score:
+                scores = [decathlon_score(r["test"]["metrics"], baseline) for r in cell_runs]
+                row["decathlon"] = _mean_std(scores)
+                row["decathlon_seeds"] = scores
         row["time_s"] = _mean_std([r["train_time_s"] for r in cell_runs])
         row["parameters"] = sum(cell_runs[0].get("parameters", {}).values())
         rows.append(row)
@@ -340,6 +348,9 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
             if spec.delta_m == "metric_mean"
             else f"Δm ({spec.delta_m}) {arrow}"
         )
+    scored = baseline is not None and spec.decathlon_score
+    if scored:
+        headers.append("decathlon score ↑")
     headers += ["mean rank ↓", "train time s", "parameters"]
     table_rows = []
     for row in rows:
@@ -349,6 +360,8 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
             cells.append(
                 format_value(*row["delta_m"], decimals=2 if spec.delta_m == "metric_mean" else 4)
             )
+        if scored:
+            cells.append(format_value(*row["decathlon"], decimals=1))
         cells += [
             f"{row['mean_rank']:.2f}",
             format_value(*row["time_s"]),
@@ -368,6 +381,12 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
         if baseline is not None
         else "Test split, mean ± standard deviation over seeds; parameters of the network."
     ) + rank_note
+    if scored:
+        note += (
+            " Decathlon score: Rebuffi et al. 2017, per task 1000 max(0, 1 - E / (2 E_b))^2 "
+            f"with E the test error and E_b the mean error of {spec.baseline!r}, summed over "
+            f"the tasks ({spec.baseline!r} itself scores about 250 per task); higher is better."
+        )
     header = f"# Grid {spec.name}\n\n"
     if spec.protocol:
         header += f"Protocol: {spec.protocol.strip()}\n\n"
@@ -382,7 +401,8 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
     )
     with (grid_dir / "results.csv").open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        keys = [f"{t}.{k}" for t, k, _ in columns] + (["delta_m"] if baseline else []) + ["time_s"]
+        keys = [f"{t}.{k}" for t, k, _ in columns] + (["delta_m"] if baseline else [])
+        keys += (["decathlon"] if scored else []) + ["time_s"]
         writer.writerow(
             [
                 "cell",
@@ -410,6 +430,17 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
     (grid_dir / "results.json").write_text(
         json.dumps(summary, indent=2, default=str), encoding="utf-8"
     )
+    from .report.grid_html import write_grid_html
+
+    try:  # the tables are written: the HTML report only describes them and must not fail them
+        summary["html"] = str(write_grid_html(grid_dir))
+    except Exception as exc:
+        print(
+            f"polytask: warning: the grid's HTML report could not be written "
+            f"({type(exc).__name__}: {exc})",
+            file=sys.stderr,
+        )
+        summary["html"] = None
     return summary
 
 

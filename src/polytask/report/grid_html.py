@@ -131,10 +131,13 @@ def write_grid_html(grid_dir: str | Path, *, strict: bool = False) -> Path:
     dm_higher = conv == "task_mean"
     dm_unit = "%" if conv == "metric_mean" else "(fraction)"
     has_rank = any("mean_rank" in row for row in rows)
+    has_score = any("decathlon" in row for row in rows)
 
     headers = ["cell", "architecture", "balancing", "seeds"] + [h for _, _, h in columns]
     if has_dm:
         headers.append(f"Δm {dm_unit} ({conv}) {'↑' if dm_higher else '↓'}")
+    if has_score:
+        headers.append("decathlon score ↑")
     if has_rank:
         headers.append("mean rank ↓")
     headers += ["train time s", "parameters", "run reports"]
@@ -149,13 +152,22 @@ def write_grid_html(grid_dir: str | Path, *, strict: bool = False) -> Path:
                 if "delta_m" in row
                 else "-"
             )
+        if has_score:
+            cells.append(
+                format_value(*_pair(row["decathlon"]), decimals=1) if "decathlon" in row else "-"
+            )
         if has_rank:
             rank = row.get("mean_rank")
             cells.append("-" if rank is None else f"{float(rank):.2f}")
         cells += [format_value(*_pair(row.get("time_s"))), f"{row.get('parameters', 0):,}"]
         cells.append(_links(grid_dir, runs[cell]))
         table_rows.append(cells)
-    results_body = table_html(headers, table_rows)
+    results_body = ""
+    if summary.get("verdict"):
+        results_body += (
+            f'<p class="verdict"><strong>Verdict.</strong> {esc(summary["verdict"])}</p>'
+        )
+    results_body += table_html(headers, table_rows)
     results_body += f'<p class="note">{esc(summary.get("note", ""))}</p>'
     if summary.get("baseline"):
         results_body += f'<p class="note">Baseline: {esc(summary["baseline"])}</p>'

@@ -112,6 +112,8 @@ figcaption { font-size: 0.85em; color: #555; margin-top: 0.3em; max-width: 60em;
 pre { background: #fff; border: 1px solid #dde; padding: 0.8em; overflow-x: auto;
       font-size: 0.85em; }
 .note { color: #555; font-size: 0.9em; max-width: 60em; }
+.verdict { background: #fff; border-left: 4px solid #28324a; padding: 0.5em 0.8em;
+           max-width: 60em; }
 .figure-error { background: #fde8e8; border: 1px solid #d88; padding: 0.6em; margin: 0.6em 0; }
 """
 
