@@ -20,8 +20,9 @@ from polytask.training.rundir import RunDirectory
 from polytask.training.trainer import Trainer
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-GRIDS = sorted(CONFIGS.rglob("*-grid.yaml"))
-RECIPES = sorted(p for p in CONFIGS.rglob("*.yaml") if p not in GRIDS and p.name != "demo.yaml")
+#: every grid file, the demo's (`make demo`) included
+GRIDS = sorted([*CONFIGS.rglob("*-grid.yaml"), CONFIGS / "demo.yaml"])
+RECIPES = sorted(p for p in CONFIGS.rglob("*.yaml") if p not in GRIDS)
 
 #: one step at 1/16 width on 32 x 48 images: the recipes' own settings, only smaller
 TINY = [
