@@ -99,3 +99,18 @@ def test_mean_last_averages_details_class_by_class() -> None:
     assert mean["metrics"] == {"s": {"miou": 15.0}} and mean["losses"] == {"s": 2.0}
     assert mean["details"] == {"s": {"iou": [20.0, None, 4.0]}}
     assert "details" not in _mean_results([{"metrics": {}, "losses": {}}])
+
+
+def test_run_report_class_table_of_a_classification_task_in_class_order() -> None:
+    details = {"class_accuracy": [50.0, None, 100.0], "samples": [4.0, 0.0, 2.0]}
+    results = {
+        "tasks": ["kind"],
+        "test": {"metrics": {"kind": {"accuracy": 66.7}}, "details": {"kind": details}},
+        "val": {"metrics": {"kind": {"accuracy": 50.0}}, "details": {"kind": details}},
+        "classes": {"kind": {"names": ["cat", "dog", "eel"]}},
+    }
+    table = class_table(results)
+    assert table is not None and "recall" in table
+    lines = [line for line in table.splitlines() if line.startswith("| ")][1:]
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in lines]
+    assert cells == [["cat", "4", "50", "50"], ["dog", "0", "-", "-"], ["eel", "2", "100", "100"]]

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -48,7 +49,7 @@ from ..metrics.classification import Accuracy
 from ..tasks import Task
 from ._options import check_int
 from .base import DATASETS, SPLITS, DataBundle
-from .image_sources import load_fashion_mnist, load_mnist
+from .image_sources import FASHION_MNIST_CLASSES, load_fashion_mnist, load_mnist
 from .multidigits import load_source as load_digits
 from .tensor import TensorMTLDataset
 
@@ -167,7 +168,7 @@ def _make_task(name: str) -> Task:
     return Task(
         name=name,
         loss=CrossEntropyLoss(),
-        metrics={"accuracy": Accuracy},
+        metrics={"accuracy": partial(Accuracy, NUM_CLASSES)},
         output_dim=NUM_CLASSES,
         kind="classification",
         description=f"class (0-9) of an image of {SOURCES[name]}",
@@ -237,6 +238,12 @@ def decathlon(
         multi_input=True,
         info={
             "sources": dict(SOURCES),
+            "class_names": {
+                task: list(FASHION_MNIST_CLASSES)
+                if task == "fashion"
+                else [str(d) for d in range(10)]
+                for task in SOURCES
+            },
             "seed": seed,
             "size": size,
             "sizes": sizes,

@@ -29,6 +29,7 @@ import hashlib
 import importlib.util
 import numbers
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -287,7 +288,7 @@ def _make_tasks(with_sum: bool) -> dict[str, Task]:
         side: Task(
             name=side,
             loss=CrossEntropyLoss(),
-            metrics={"accuracy": Accuracy},
+            metrics={"accuracy": partial(Accuracy, NUM_CLASSES)},
             output_dim=NUM_CLASSES,
             kind="classification",
             description=f"class (0-9) of the {side} digit",

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,8 @@ from ._options import check_int
 from .base import DATASETS, SPLITS, DataBundle
 from .image_sources import FASHION_MNIST_CLASSES, load_fashion_mnist, load_mnist
 from .tensor import TensorMTLDataset
+
+_DIGITS = [str(d) for d in range(10)]
 
 __all__ = [
     "COMPOSED",
@@ -247,7 +250,7 @@ def _make_tasks(items: Mapping[str, str]) -> dict[str, Task]:
         side: Task(
             name=side,
             loss=CrossEntropyLoss(),
-            metrics={"accuracy": Accuracy},
+            metrics={"accuracy": partial(Accuracy, NUM_CLASSES)},
             output_dim=NUM_CLASSES,
             kind="classification",
             description=f"class of the {where[side]} {items[side]}",
@@ -357,7 +360,10 @@ def multimnist(
         split_source_names=_per_split(lambda split: _same_for_both("mnist")),
         split_pools=_per_split(lambda split: _same_for_both(pools[split])),
         items=_same_for_both(_MNIST_ITEM),
-        info={"source": {"left": "mnist", "right": "mnist"}},
+        info={
+            "source": {"left": "mnist", "right": "mnist"},
+            "class_names": {"left": _DIGITS, "right": _DIGITS},
+        },
     )
 
 
@@ -408,7 +414,13 @@ def multifashion(
         split_source_names=_per_split(lambda split: _same_for_both(names[split])),
         split_pools=_per_split(lambda split: _same_for_both(pools[split])),
         items=_same_for_both(_FASHION_ITEM),
-        info={"source": {"left": "fashion-mnist", "right": "fashion-mnist"}},
+        info={
+            "source": {"left": "fashion-mnist", "right": "fashion-mnist"},
+            "class_names": {
+                "left": list(FASHION_MNIST_CLASSES),
+                "right": list(FASHION_MNIST_CLASSES),
+            },
+        },
     )
 
 
@@ -457,5 +469,8 @@ def multifashion_mnist(
             lambda split: {"left": fashion_pools[split], "right": digit_pools[split]}
         ),
         items={"left": _FASHION_ITEM, "right": _MNIST_ITEM},
-        info={"source": {"left": "fashion-mnist", "right": "mnist"}},
+        info={
+            "source": {"left": "fashion-mnist", "right": "mnist"},
+            "class_names": {"left": list(FASHION_MNIST_CLASSES), "right": _DIGITS},
+        },
     )

@@ -31,6 +31,7 @@ Splits: seeded, stratified by species and sex (6 strata).
 from __future__ import annotations
 
 import csv
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -171,7 +172,7 @@ def _make_tasks(mass_mean: float, mass_std: float) -> dict[str, Task]:
         "species": Task(
             name="species",
             loss=CrossEntropyLoss(),
-            metrics={"accuracy": Accuracy},
+            metrics={"accuracy": partial(Accuracy, len(SPECIES))},
             output_dim=len(SPECIES),
             kind="classification",
             description="species: 0 Adelie, 1 Chinstrap, 2 Gentoo",
@@ -179,7 +180,7 @@ def _make_tasks(mass_mean: float, mass_std: float) -> dict[str, Task]:
         "sex": Task(
             name="sex",
             loss=CrossEntropyLoss(),
-            metrics={"accuracy": Accuracy},
+            metrics={"accuracy": partial(Accuracy, len(SEXES))},
             output_dim=len(SEXES),
             kind="classification",
             description="sex: 0 female, 1 male",
@@ -250,6 +251,7 @@ def penguins(*, seed: int = 0, val_fraction: float = 0.2, test_fraction: float =
         "fractions": fractions,
         "sizes": {split: len(indices[split]) for split in SPLITS},
         "indices": {split: indices[split].tolist() for split in SPLITS},
+        "class_names": {"species": list(SPECIES), "sex": list(SEXES)},
     }
     return DataBundle(
         tasks=_make_tasks(mass_mean, mass_std),

@@ -521,6 +521,33 @@ def pareto_front(points: Mapping[str, Sequence[float]]) -> list[str]:
     return front
 
 
+def _label_groups(
+    xy_of: Mapping[str, tuple[float, float]], *, tolerance: float
+) -> list[tuple[tuple[float, float], list[str]]]:
+    """Group the names whose points lie within ``tolerance`` times the span of the points
+    (origin included) of each other, in both coordinates; each group is labelled once, at
+    its first point."""
+    finite = {c: p for c, p in xy_of.items() if all(math.isfinite(v) for v in p)}
+    if not finite:
+        return []
+    spans = []
+    for i in (0, 1):
+        values = [0.0, *(p[i] for p in finite.values())]
+        spans.append(max(max(values) - min(values), 1e-12))
+    groups: list[tuple[tuple[float, float], list[str]]] = []
+    for name, (x, y) in finite.items():
+        for anchor, names in groups:
+            if (
+                abs(x - anchor[0]) <= tolerance * spans[0]
+                and abs(y - anchor[1]) <= tolerance * spans[1]
+            ):
+                names.append(name)
+                break
+        else:
+            groups.append(((x, y), [name]))
+    return groups
+
+
 def tradeoff_figure(improvement: Mapping[str, Mapping[str, float]], baseline: str) -> Plot:
     """Each task's relative change against the baseline (percent, higher is better), one
     panel per pair of tasks; the cells on the Pareto front (over all tasks) are marked."""
@@ -530,23 +557,23 @@ def tradeoff_figure(improvement: Mapping[str, Mapping[str, float]], baseline: st
     finite = {c: p for c, p in points.items() if all(math.isfinite(v) for v in p)}
     front = pareto_front(finite)
     pairs = [(a, b) for i, a in enumerate(tasks) for b in tasks[i + 1 :]] or [(tasks[0], tasks[0])]
-    fig, axes = _grid(len(pairs), 3, (4.8, 4.2))
+    fig, axes = _grid(len(pairs), 3, (6.4, 5.0) if len(pairs) == 1 else (4.8, 4.2))
     for ax, (a, b) in zip(axes, pairs, strict=True):
         ia, ib = tasks.index(a), tasks.index(b)
-        labels: dict[tuple[float, float], list[str]] = {}
+        xy_of = {c: (points[c][ia], points[c][ib]) for c in cells}
         for c in cells:
             on = c in front
-            xy = (points[c][ia], points[c][ib])
             ax.scatter(
-                *xy,
+                *xy_of[c],
                 s=90 if on else 30,
                 marker="*" if on else "o",
                 color="tab:orange" if on else "tab:blue",
-                zorder=3,
+                zorder=4 if on else 3,  # a front star is never hidden by a dot
             )
-            labels.setdefault((round(xy[0], 6), round(xy[1], 6)), []).append(c)
-        for xy, names in labels.items():  # cells at the same point share one label
-            ax.annotate("\n".join(names), xy, fontsize=7, xytext=(4, 3), textcoords="offset points")
+        # cells within 3 % of the axes' span of each other share one label (no overprinting)
+        for xy, names in _label_groups(xy_of, tolerance=0.03):
+            ax.annotate(", ".join(names), xy, fontsize=7, xytext=(4, 3), textcoords="offset points")
+        ax.margins(0.18)
         if len(tasks) == 2 and front:
             line = sorted((points[c][ia], points[c][ib]) for c in front)
             ax.plot([p[0] for p in line], [p[1] for p in line], color="tab:orange", lw=1, ls="--")

@@ -34,7 +34,7 @@ from .figures import (
     weights_figure,
 )
 from .html import Section, draw, esc, page, table_html, write_page
-from .run_report import class_rows
+from .run_report import class_rows, run_title
 from .tables import format_value, results_columns
 
 __all__ = ["ATTENTION_SAMPLES", "architecture_sections", "write_run_html"]
@@ -252,12 +252,10 @@ def write_run_html(run: RunDirectory, *, strict: bool = False) -> Path:
         per_class = class_rows(results)
         if per_class:
             body = "".join(
-                f"<h3>Task {esc(task)}</h3>" + table_html(headers, rows)
-                for task, (headers, rows) in per_class.items()
-            )
-            body += (
-                '<p class="note">Classes sorted by their share of the labelled training '
-                "pixels, rarest first; IoU in percent.</p>"
+                f"<h3>Task {esc(task)}</h3>"
+                + table_html(headers, rows)
+                + f'<p class="note">{esc(note[0].upper() + note[1:])}.</p>'
+                for task, (headers, rows, note) in per_class.items()
             )
             sections.append(Section("per-class", "Per class", body))
     curves = draw(
@@ -332,5 +330,5 @@ def write_run_html(run: RunDirectory, *, strict: bool = False) -> Path:
             + ".</p>",
         )
     )
-    text = page(f"Run {run.path.name}", subtitle, sections)
+    text = page(f"Run {run_title(run, config)}", subtitle, sections)
     return write_page(run.path / "report.html", text)

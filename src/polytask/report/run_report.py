@@ -11,7 +11,7 @@ from .figures import weights_figure
 from .plots import plot_run_curves, save_plot
 from .tables import format_value, markdown_table, results_columns
 
-__all__ = ["class_rows", "class_table", "results_table", "write_run_report"]
+__all__ = ["class_rows", "class_table", "results_table", "run_title", "write_run_report"]
 
 
 def results_table(results: dict[str, object], split: str = "test") -> str:
@@ -34,39 +34,65 @@ def results_table(results: dict[str, object], split: str = "test") -> str:
     return markdown_table(headers, [row])
 
 
-def class_rows(results: dict[str, Any]) -> dict[str, tuple[list[str], list[list[str]]]]:
-    """Per segmentation task with per-class results: the headers and rows of its per-class
-    IoU table (test and val), classes sorted by their share of labelled training pixels."""
-    tables: dict[str, tuple[list[str], list[list[str]]]] = {}
-    for task, info in (results.get("classes") or {}).items():
-        test = results["test"].get("details", {}).get(task, {}).get("iou")
-        if test is None:
-            continue
-        val = results["val"].get("details", {}).get(task, {}).get("iou")
-        pixels = info.get("train_pixels")
-        names = info.get("names") or [str(c) for c in range(len(test))]
-        total = float(sum(pixels)) if pixels else 0.0
-        order = list(range(len(test)))
-        if pixels and total:
-            order.sort(key=lambda c: pixels[c])
-        headers = ["class", "train pixels %", "test IoU ↑"] + (["val IoU ↑"] if val else [])
-        rows = []
-        for c in order:
-            share = f"{100.0 * pixels[c] / total:.2f}" if pixels and total else "-"
-            row = [names[c], share, format_value(test[c])]
-            if val:
-                row.append(format_value(val[c]))
-            rows.append(row)
-        tables[task] = (headers, rows)
+#: what the per-class tables say about their rows
+CLASS_NOTES = {
+    "iou": "classes sorted by their share of the labelled training pixels, rarest first; "
+    "IoU in percent",
+    "class_accuracy": "the accuracy on each class's samples (its recall), in percent; "
+    "samples: how many of the split's samples have that class",
+}
+
+
+def class_rows(results: dict[str, Any]) -> dict[str, tuple[list[str], list[list[str]], str]]:
+    """Per task with per-class results, the headers, rows and note of its per-class table
+    (test and val): IoU for a segmentation task, classes sorted by their share of labelled
+    training pixels; per-class accuracy for a classification task whose metric counts
+    classes (``Accuracy(num_classes)``), in class order."""
+    tables: dict[str, tuple[list[str], list[list[str]], str]] = {}
+    infos = results.get("classes") or {}
+    for task in results.get("tasks") or list(results["test"].get("details", {})):
+        details = results["test"].get("details", {}).get(task, {})
+        val_details = results["val"].get("details", {}).get(task, {})
+        info = infos.get(task, {})
+        if details.get("iou") is not None:
+            test = details["iou"]
+            val = val_details.get("iou")
+            pixels = info.get("train_pixels")
+            names = info.get("names") or [str(c) for c in range(len(test))]
+            total = float(sum(pixels)) if pixels else 0.0
+            order = list(range(len(test)))
+            if pixels and total:
+                order.sort(key=lambda c: pixels[c])
+            headers = ["class", "train pixels %", "test IoU ↑"] + (["val IoU ↑"] if val else [])
+            rows = []
+            for c in order:
+                share = f"{100.0 * pixels[c] / total:.2f}" if pixels and total else "-"
+                row = [names[c], share, format_value(test[c])]
+                if val:
+                    row.append(format_value(val[c]))
+                rows.append(row)
+            tables[task] = (headers, rows, CLASS_NOTES["iou"])
+        elif details.get("class_accuracy") is not None:
+            test = details["class_accuracy"]
+            val = val_details.get("class_accuracy")
+            names = info.get("names") or [str(c) for c in range(len(test))]
+            headers = ["class", "test samples", "test accuracy ↑"]
+            headers += ["val accuracy ↑"] if val else []
+            rows = []
+            for c in range(len(test)):
+                row = [names[c], f"{details['samples'][c]:.0f}", format_value(test[c])]
+                if val:
+                    row.append(format_value(val[c]))
+                rows.append(row)
+            tables[task] = (headers, rows, CLASS_NOTES["class_accuracy"])
     return tables
 
 
 def class_table(results: dict[str, Any]) -> str | None:
-    """Per-class IoU on test and val of every segmentation task with per-class results,
-    classes sorted by their share of labelled training pixels; ``None`` without any."""
+    """The per-class tables of :func:`class_rows` in Markdown; ``None`` without any."""
     tables = [
-        f"Task `{task}`:\n\n{markdown_table(headers, rows)}"
-        for task, (headers, rows) in class_rows(results).items()
+        f"Task `{task}` ({note}):\n\n{markdown_table(headers, rows)}"
+        for task, (headers, rows, note) in class_rows(results).items()
     ]
     return "\n\n".join(tables) if tables else None
 
@@ -74,6 +100,13 @@ def class_table(results: dict[str, Any]) -> str | None:
 def _get(config: dict[str, Any], section: str, key: str) -> str:
     value = config.get(section, {})
     return str(value.get(key, "?")) if isinstance(value, dict) else "?"
+
+
+def run_title(run: RunDirectory, config: dict[str, Any]) -> str:
+    """The run's name in a report title: its directory's name, with the configuration's name
+    first where the directory's does not start with it (a grid's ``demo.hps-equal (seed-0)``)."""
+    name, folder = str(config.get("name") or ""), run.path.name
+    return folder if not name or folder.startswith(name) else f"{name} ({folder})"
 
 
 def write_run_report(run: RunDirectory, *, strict: bool = False) -> None:
@@ -90,7 +123,7 @@ def write_run_report(run: RunDirectory, *, strict: bool = False) -> None:
         None if weights_plot is None else save_plot(weights_plot, run.plots_dir / "weights.png")
     )
     config = run.read_config()
-    lines = [f"# Run {run.path.name}", ""]
+    lines = [f"# Run {run_title(run, config)}", ""]
     if results is None:
         lines += ["Training has not finished: no results yet.", ""]
     else:

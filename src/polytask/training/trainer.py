@@ -596,11 +596,12 @@ class Trainer:
 
 
 def _class_info(info: Mapping[str, Any], tasks: Mapping[str, Any]) -> dict[str, Any]:
-    """Class names and training pixels of the segmentation tasks, from the data set's
-    ``info`` (``class_names``, ``class_pixels``: one list, or ``{task: list}``)."""
+    """Class names (segmentation and classification tasks) and training pixels (segmentation)
+    from the data set's ``info`` (``class_names``, ``class_pixels``: one list, or
+    ``{task: list}``)."""
     result: dict[str, Any] = {}
     for name, task in tasks.items():
-        if task.kind != "segmentation":
+        if task.kind not in ("segmentation", "classification"):
             continue
         entry: dict[str, Any] = {}
         for key, out in (("class_names", "names"), ("class_pixels", "train_pixels")):

@@ -47,7 +47,9 @@ def test_multi_input_bundle(bundle: DataBundle) -> None:
     assert bundle.input_shape == (1, 28, 28)
     assert list(bundle.tasks) == TASKS
     for task in bundle.tasks.values():
-        assert task.output_dim == 10 and task.metrics == {"accuracy": Accuracy}
+        assert task.output_dim == 10 and list(task.metrics) == ["accuracy"]
+        metric = task.metrics["accuracy"]()
+        assert isinstance(metric, Accuracy) and metric.num_classes == 10
     for split in SPLITS:
         assert list(bundle.split(split)) == TASKS
         for task in TASKS:

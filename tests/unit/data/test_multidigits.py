@@ -353,7 +353,9 @@ def test_task_definitions(bundle: DataBundle) -> None:
         assert task.output_dim == 10
         assert task.kind == "classification"
         assert isinstance(task.loss, CrossEntropyLoss)
-        assert dict(task.metrics) == {"accuracy": Accuracy}
+        assert list(task.metrics) == ["accuracy"]
+        metric = task.metrics["accuracy"]()
+        assert isinstance(metric, Accuracy) and metric.num_classes == 10
         assert task.higher_is_better() == {"accuracy": True}
     total = bundle.tasks["sum"]
     assert total.output_dim == 1

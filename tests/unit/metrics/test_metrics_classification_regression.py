@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import accuracy_score, mean_absolute_error, mean_squared_error
+from sklearn.metrics import accuracy_score, mean_absolute_error, mean_squared_error, recall_score
 
 from polytask.metrics import Accuracy, RegressionMetric
 
@@ -26,6 +26,39 @@ def test_accuracy_matches_sklearn(seed: int, as_indices: bool) -> None:
         targets.append(target.numpy())
     expected = 100 * accuracy_score(np.concatenate(targets), np.concatenate(preds))
     assert metric.compute()["accuracy"] == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_per_class_accuracy_matches_sklearn_recall_and_merges(seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    whole, parts = Accuracy(num_classes=6), [Accuracy(num_classes=6), Accuracy(num_classes=6)]
+    preds, targets = [], []
+    for i, b in enumerate((4, 7, 1, 5, 9)):
+        logits = torch.randn(b, 6, generator=gen)
+        target = torch.randint(0, 5, (b,), generator=gen)  # class 5 never occurs
+        whole.update(logits, target)
+        parts[i % 2].update(logits, target)
+        preds.append(logits.argmax(1).numpy())
+        targets.append(target.numpy())
+    y_true, y_pred = np.concatenate(targets), np.concatenate(preds)
+    recall = 100 * recall_score(
+        y_true, y_pred, labels=list(range(5)), average=None, zero_division=0
+    )
+    parts[0].merge(parts[1])
+    for metric in (whole, parts[0]):
+        details = metric.details()
+        assert details["class_accuracy"][:5] == pytest.approx(list(recall), rel=1e-12)
+        assert details["class_accuracy"][5] is None  # no sample of class 5
+        assert details["samples"] == [float((y_true == c).sum()) for c in range(6)]
+        assert metric.compute()["accuracy"] == pytest.approx(100 * accuracy_score(y_true, y_pred))
+
+
+def test_per_class_accuracy_refuses_classes_out_of_range() -> None:
+    with pytest.raises(ValueError, match=r"0 \.\. 2"):
+        Accuracy(num_classes=3).update(torch.randn(2, 4), torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="positive integer"):
+        Accuracy(num_classes=0)
+    assert Accuracy().details() == {}
 
 
 def test_accuracy_hand_computed_example() -> None:

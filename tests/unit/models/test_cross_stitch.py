@@ -1,8 +1,9 @@
 """Cross-stitch networks: counts, the units' mixing and gradients, partition, initialisation
 from single-task checkpoints, and a tiny end-to-end run.
 
-No staged backbone for small images exists (small_cnn is not staged), so the end-to-end runs
-use SegNet at width 1/16 on tiny random dense data, through ``polytask.api.train``.
+The end-to-end runs use SegNet at width 1/16 on tiny random dense data, through
+``polytask.api.train``; the staged LeNet of the MultiMNIST recipes is covered by the recipe
+tests (tests/e2e/test_recipes.py).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 implementation, penalties against naive formulas, partition, overfitting, end-to-end runs.
 
 As for cross-stitch, the end-to-end runs use SegNet at width 1/16 on tiny random dense data
-through ``polytask.api.train`` (no staged backbone for small images exists).
+through ``polytask.api.train``.
 """
 
 from __future__ import annotations

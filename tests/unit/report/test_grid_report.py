@@ -98,6 +98,21 @@ def test_tradeoff_figure_plots_the_improvements_and_marks_the_front() -> None:
     assert plot.data["pareto"] == ["other"]
 
 
+def test_tradeoff_labels_join_cells_that_would_overprint_and_name_every_cell_once() -> None:
+    improvement = {
+        "base": {"x": 0.0, "y": 0.0},
+        "cs-equal": {"x": 30.1, "y": 19.8},
+        "cs-dwa": {"x": 29.9, "y": 19.8},  # 0.2 apart on a span of 44: one label
+        "hps": {"x": -14.0, "y": -20.9},
+        "mtan": {"x": 13.4, "y": 13.9},  # 3.5 apart from mtan-dwa in y (8 % of 40.7): apart
+        "mtan-dwa": {"x": 12.1, "y": 10.4},
+    }
+    plot = figures.tradeoff_figure(improvement, "base")
+    texts = [t.get_text() for t in plot.figure.axes[0].texts]
+    plt.close(plot.figure)
+    assert sorted(texts) == sorted(["base", "cs-equal, cs-dwa", "hps", "mtan", "mtan-dwa"])
+
+
 def test_delta_m_figure_sorts_best_first_with_the_rows_numbers() -> None:
     plot = figures.delta_m_figure(
         ["a", "b", "c"],

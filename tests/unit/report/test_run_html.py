@@ -29,8 +29,12 @@ def test_an_unfinished_run_gets_a_report_saying_so(tmp_path: Path) -> None:
     page = write_run_html(run, strict=True).read_text(encoding="utf-8")
     assert "Training has not finished" in page
     assert "No epoch has been logged yet" in page
-    assert "<title>Run run &lt;&amp;&gt;</title>" in page
-    assert "odd &lt;name&gt;" in page and "odd <name>" not in page
+    # the folder does not start with the config's name (as a grid's seed-0): both are named
+    assert "<title>Run odd &lt;name&gt; (run &lt;&amp;&gt;)</title>" in page
+    assert "odd <name>" not in page
+    named = RunDirectory.create(tmp_path / "odd <name>-20261204", config)
+    page = write_run_html(named, strict=True).read_text(encoding="utf-8")
+    assert "<title>Run odd &lt;name&gt;-20261204</title>" in page
 
 
 def test_a_failing_report_does_not_fail_a_finished_run(
