@@ -521,6 +521,10 @@ def pareto_front(points: Mapping[str, Sequence[float]]) -> list[str]:
     return front
 
 
+#: above this many cells the trade-off plot names only the Pareto front and the baseline
+MAX_TRADEOFF_LABELS = 12
+
+
 def _label_groups(
     xy_of: Mapping[str, tuple[float, float]], *, tolerance: float
 ) -> list[tuple[tuple[float, float], list[str]]]:
@@ -570,8 +574,12 @@ def tradeoff_figure(improvement: Mapping[str, Mapping[str, float]], baseline: st
                 color="tab:orange" if on else "tab:blue",
                 zorder=4 if on else 3,  # a front star is never hidden by a dot
             )
-        # cells within 3 % of the axes' span of each other share one label (no overprinting)
-        for xy, names in _label_groups(xy_of, tolerance=0.03):
+        # cells within 3 % of the axes' span of each other share one label (no overprinting);
+        # beyond MAX_TRADEOFF_LABELS cells only the front and the baseline are named
+        named = xy_of
+        if len(cells) > MAX_TRADEOFF_LABELS:
+            named = {c: xy for c, xy in xy_of.items() if c in front or c == baseline}
+        for xy, names in _label_groups(named, tolerance=0.03):
             ax.annotate(", ".join(names), xy, fontsize=7, xytext=(4, 3), textcoords="offset points")
         ax.margins(0.18)
         if len(tasks) == 2 and front:
@@ -582,7 +590,12 @@ def tradeoff_figure(improvement: Mapping[str, Mapping[str, float]], baseline: st
         ax.set_xlabel(f"{a}: change vs {baseline} (%)")
         ax.set_ylabel(f"{b}: change vs {baseline} (%)")
     fig.suptitle(
-        "per-task trade-off (up and right is better; orange stars: Pareto front over all tasks)",
+        "per-task trade-off (up and right is better; orange stars: Pareto front over all tasks)"
+        + (
+            f"; {len(cells)} cells: only the front and {baseline} are labelled"
+            if len(cells) > MAX_TRADEOFF_LABELS
+            else ""
+        ),
         fontsize=9,
     )
     fig.tight_layout()
@@ -602,6 +615,9 @@ def robustness_figure(
     plt = _plt()
     fig, ax = plt.subplots(figsize=(1.6 * len(archs) + 3.0, 3.8))
     width = 0.7 / max(1, len(balancers))
+    # one distinct colour per method: tab10 repeats beyond 10, tab20 beyond 20
+    cmap = plt.get_cmap("tab10" if len(balancers) <= 10 else "tab20")
+    colours = [cmap(i % cmap.N) for i in range(len(balancers))]
     data: dict[str, Any] = {"architectures": archs, "balancers": balancers, "delta_m": {}}
     for i, balancer in enumerate(balancers):
         xs, ys, es = [], [], []
@@ -612,7 +628,7 @@ def robustness_figure(
                 ys.append(m)
                 es.append(0.0 if s is None else s)
                 data["delta_m"].setdefault(arch, {})[balancer] = (m, s)
-        ax.errorbar(xs, ys, yerr=es, fmt="o", capsize=3, label=balancer)
+        ax.errorbar(xs, ys, yerr=es, fmt="o", capsize=3, label=balancer, color=colours[i])
     ax.set_xticks(range(len(archs)), archs)
     ax.axhline(0.0, color="grey", lw=0.8)
     ax.set_ylabel(f"Δm {unit} ({'higher' if higher_is_better else 'lower'} is better)")

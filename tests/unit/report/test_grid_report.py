@@ -113,6 +113,17 @@ def test_tradeoff_labels_join_cells_that_would_overprint_and_name_every_cell_onc
     assert sorted(texts) == sorted(["base", "cs-equal, cs-dwa", "hps", "mtan", "mtan-dwa"])
 
 
+def test_a_crowded_tradeoff_names_only_the_front_and_the_baseline() -> None:
+    improvement = {"base": {"x": 0.0, "y": 0.0}}
+    improvement |= {f"c{i}": {"x": float(i), "y": float(-i)} for i in range(1, 14)}
+    improvement["best"] = {"x": 20.0, "y": 5.0}  # dominates every other cell
+    plot = figures.tradeoff_figure(improvement, "base")
+    texts = sorted(t.get_text() for t in plot.figure.axes[0].texts)
+    plt.close(plot.figure)
+    assert plot.data["pareto"] == ["best"]
+    assert texts == ["base", "best"]
+
+
 def test_delta_m_figure_sorts_best_first_with_the_rows_numbers() -> None:
     plot = figures.delta_m_figure(
         ["a", "b", "c"],
