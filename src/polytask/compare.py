@@ -361,7 +361,7 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
                 format_value(*row["delta_m"], decimals=2 if spec.delta_m == "metric_mean" else 4)
             )
         if scored:
-            cells.append(format_value(*row["decathlon"], decimals=1))
+            cells.append(format_value(*row["decathlon"], decimals=1).lstrip("+"))  # unsigned
         cells += [
             f"{row['mean_rank']:.2f}",
             format_value(*row["time_s"]),

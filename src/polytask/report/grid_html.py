@@ -154,7 +154,9 @@ def write_grid_html(grid_dir: str | Path, *, strict: bool = False) -> Path:
             )
         if has_score:
             cells.append(
-                format_value(*_pair(row["decathlon"]), decimals=1) if "decathlon" in row else "-"
+                format_value(*_pair(row["decathlon"]), decimals=1).lstrip("+")
+                if "decathlon" in row
+                else "-"
             )
         if has_rank:
             rank = row.get("mean_rank")
