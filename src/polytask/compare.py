@@ -45,6 +45,7 @@ from tqdm import tqdm
 from ._meta import package_version
 from .config import (
     Config,
+    anchor_plugin_paths,
     apply_overrides,
     from_dict,
     load_config,
@@ -106,7 +107,8 @@ def load_grid(
         )
     base: dict[str, Any] = {}
     if spec.base is not None:
-        base = read_yaml(path.parent / spec.base)
+        base_file = path.parent / spec.base
+        base = anchor_plugin_paths(read_yaml(base_file), base_file.parent)
     base = apply_overrides(base, spec.config)
     parsed = parse_overrides(overrides)
     if "output_dir" in parsed:  # where the grid goes, not a per-run setting
@@ -117,7 +119,8 @@ def load_grid(
         if not all(c.isalnum() or c in "_-." for c in cell):
             raise ConfigError(f"{path}: cell name {cell!r} may use letters, digits, '_', '-', '.'.")
         try:
-            configs[cell] = load_config(apply_overrides(base, cell_overrides or {}))
+            data = apply_overrides(base, cell_overrides or {})
+            configs[cell] = load_config(anchor_plugin_paths(data, path.parent))
         except ConfigError as exc:
             raise ConfigError(f"{path}, cell {cell!r}: {exc}") from None
     return spec, configs

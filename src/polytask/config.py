@@ -10,6 +10,7 @@ component's own signature when it is built.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -168,6 +169,11 @@ class Config:
     #: Python modules to import before building (they register your own architectures,
     #: backbones, balancing methods or data sets), e.g. ``[my_project.mtl]``
     plugins: list[str] = field(default_factory=list)
+    #: folders searched first for the ``plugins`` modules. A recipe file that names plugins
+    #: adds its own folder, and relative entries are taken from the recipe's folder; the run's
+    #: config.yaml records absolute paths, so resume and eval find the plugins again from any
+    #: working directory, without PYTHONPATH
+    plugin_paths: list[str] = field(default_factory=list)
     #: the tasks to learn (None: every task of the data set)
     tasks: list[str] | None = None
     output_dir: str = "runs"
@@ -371,4 +377,24 @@ def load_config(
     else:
         data = read_yaml(source)
     parsed = overrides if isinstance(overrides, Mapping) else parse_overrides(overrides)
-    return from_dict(Config, apply_overrides(data, parsed))
+    data = apply_overrides(data, parsed)
+    if source is not None and not isinstance(source, Mapping):
+        data = anchor_plugin_paths(data, Path(source).parent)
+    return from_dict(Config, data)
+
+
+def anchor_plugin_paths(data: Mapping[str, Any], folder: str | Path) -> dict[str, Any]:
+    """``data`` with its ``plugin_paths`` made absolute against ``folder`` (a recipe file's
+    folder), and ``folder`` itself added when ``plugins`` are named; unchanged otherwise
+    (values of the wrong type are left for validation to report)."""
+    plugins, paths = data.get("plugins"), data.get("plugin_paths")
+    if not plugins and not paths:
+        return dict(data)
+    if paths is not None and not isinstance(paths, list):
+        return dict(data)
+    base = Path(folder).resolve()
+    resolved = [str(base / p) if isinstance(p, str) else p for p in paths or []]
+    resolved = [os.path.normpath(p) if isinstance(p, str) else p for p in resolved]
+    if plugins and str(base) not in resolved:
+        resolved.append(str(base))
+    return {**data, "plugin_paths": resolved}

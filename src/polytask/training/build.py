@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 import importlib
+import importlib.metadata
 import inspect
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -40,17 +43,41 @@ __all__ = [
 ]
 
 
-def _load_plugins(modules: Sequence[str] = ()) -> None:
-    """Import the built-in components and the user's ``plugins`` modules (which register theirs)."""
+#: the entry-point group of installed plugin packages (imported by every command)
+PLUGIN_GROUP = "polytask.plugins"
+
+
+@functools.cache
+def _load_entry_points() -> None:
+    """Import every installed ``polytask.plugins`` entry point, once per process."""
+    for entry in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+        try:
+            entry.load()
+        except Exception as exc:
+            raise ConfigError(
+                f"the installed plugin {entry.name!r} ({entry.value}) failed to load "
+                f"({type(exc).__name__}: {exc})."
+            ) from None
+
+
+def _load_plugins(modules: Sequence[str] = (), paths: Sequence[str] = ()) -> None:
+    """Import the built-in components, the installed packages' ``polytask.plugins`` entry
+    points and the user's ``plugins`` modules (which register theirs), the latter searched
+    first in ``paths`` (``plugin_paths``)."""
     from .. import balancing, data, models  # noqa: F401
 
+    _load_entry_points()
+    for folder in reversed(paths):
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
     for name in modules:
         try:
             importlib.import_module(name)
         except ImportError as exc:
+            where = f" or in {', '.join(paths)}" if paths else ""
             raise ConfigError(
-                f"plugins: cannot import {name!r} ({exc}); the module must be importable "
-                "(installed, or on PYTHONPATH)."
+                f"plugins: cannot import {name!r} ({exc}); the module must be installed, "
+                f"on PYTHONPATH{where} (plugin_paths; a recipe's own folder is searched)."
             ) from None
 
 
@@ -279,7 +306,7 @@ def check_selection(config: Config, tasks: Mapping[str, Task]) -> None:
 
 def build_components(config: Config) -> Components:
     """Build data, model, balancer, optimizer and scheduler from a configuration."""
-    _load_plugins(config.plugins)
+    _load_plugins(config.plugins, config.plugin_paths)
     device = resolve_device(config.train.device)
     check_precision(config.train.precision, device)
     bundle, tasks = build_data(config)
