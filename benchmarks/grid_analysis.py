@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -126,7 +127,7 @@ def main() -> None:
         "",
         *([f"Command: `{args.command}`"] if args.command else []),
         f"Recorded with: `python benchmarks/grid_analysis.py {args.grid_dir} --out {args.out}`",
-        f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads here, torch "
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch "
         f"{torch.__version__}, {time.strftime('%Y-%m-%d')}. Training time summed over runs "
         f"{train_s / 60:.1f} min" + (f"; wall time of the grid {args.wall}." if args.wall else "."),
         "",
