@@ -51,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("grid", help="path to a grid YAML file")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="applied to every cell")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument(
+        "--cells",
+        metavar="PATTERNS",
+        help="train only the cells matching these comma-separated names or shell patterns "
+        "(e.g. 'single_task,hps-*'); the table still shows every finished cell",
+    )
 
     p = sub.add_parser("report", help="(re)write the report of run or grid directories")
     p.add_argument("dirs", nargs="+", metavar="DIR")
@@ -99,7 +105,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from .compare import run_grid
 
-    summary = run_grid(args.grid, args.overrides, console=not args.quiet)
+    cells = None if args.cells is None else [c.strip() for c in args.cells.split(",")]
+    summary = run_grid(args.grid, args.overrides, console=not args.quiet, cells=cells)
     print()
     print(summary["table"])
     print()

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import fnmatch
 import json
 import math
 import statistics
@@ -133,11 +134,35 @@ def _cell_config(config: Config, spec: GridSpec, cell: str, seed: int) -> Config
     return from_dict(Config, data)
 
 
+def select_cells(names: Sequence[str], patterns: Sequence[str]) -> list[str]:
+    """The cells (in grid order) matching any of ``patterns`` (names or shell patterns such
+    as ``hps-*``); a pattern that matches no cell is an error naming the cells."""
+    chosen: set[str] = set()
+    for pattern in patterns:
+        if not pattern:
+            raise ConfigError("--cells: an empty pattern (two commas, or a trailing one).")
+        matched = fnmatch.filter(names, pattern)
+        if not matched:
+            raise ConfigError(
+                f"--cells: {pattern!r} matches no cell; the cells are {', '.join(names)}."
+            )
+        chosen.update(matched)
+    return [n for n in names if n in chosen]
+
+
 def run_grid(
-    path: str | Path, overrides: Sequence[str] = (), *, console: bool = True
+    path: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    console: bool = True,
+    cells: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Run every unfinished (cell, seed) of a grid, then summarise it."""
+    """Run every unfinished (cell, seed) of a grid, or of the ``cells`` it names (names or
+    shell patterns), then summarise every finished run of the grid."""
     spec, configs = load_grid(path, overrides)
+    if cells is not None:
+        keep = select_cells(list(configs), cells)
+        configs = {name: configs[name] for name in keep}
     grid_dir = Path(spec.output_dir) / spec.name
     # Validate every cell, and every run already on disk, before writing or training
     # anything: a typo fails in seconds and leaves the grid directory as it was.
