@@ -49,7 +49,7 @@ from ..metrics.classification import Accuracy
 from ..tasks import Task
 from ._options import check_int
 from .base import DATASETS, SPLITS, DataBundle
-from .image_sources import FASHION_MNIST_CLASSES, load_fashion_mnist, load_mnist
+from .image_sources import DIGIT_CLASSES, FASHION_MNIST_CLASSES, load_fashion_mnist, load_mnist
 from .multidigits import load_source as load_digits
 from .tensor import TensorMTLDataset
 
@@ -239,9 +239,7 @@ def decathlon(
         info={
             "sources": dict(SOURCES),
             "class_names": {
-                task: list(FASHION_MNIST_CLASSES)
-                if task == "fashion"
-                else [str(d) for d in range(10)]
+                task: list(FASHION_MNIST_CLASSES if task == "fashion" else DIGIT_CLASSES)
                 for task in SOURCES
             },
             "seed": seed,

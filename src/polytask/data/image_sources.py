@@ -55,6 +55,8 @@ MNIST_INSTALL = "pip install 'polytask[data]'"
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 """Where Debian's ``dataset-fashion-mnist`` package installs the Fashion-MNIST idx files."""
 FASHION_MNIST_INSTALL = "apt-get install dataset-fashion-mnist"
+DIGIT_CLASSES = tuple(str(d) for d in range(10))
+"""The class names of MNIST and of scikit-learn's 8 x 8 digits."""
 FASHION_MNIST_CLASSES = (
     "T-shirt/top",
     "Trouser",

@@ -72,10 +72,8 @@ from ..metrics.classification import Accuracy
 from ..tasks import Task
 from ._options import check_int
 from .base import DATASETS, SPLITS, DataBundle
-from .image_sources import FASHION_MNIST_CLASSES, load_fashion_mnist, load_mnist
+from .image_sources import DIGIT_CLASSES, FASHION_MNIST_CLASSES, load_fashion_mnist, load_mnist
 from .tensor import TensorMTLDataset
-
-_DIGITS = [str(d) for d in range(10)]
 
 __all__ = [
     "COMPOSED",
@@ -362,7 +360,7 @@ def multimnist(
         items=_same_for_both(_MNIST_ITEM),
         info={
             "source": {"left": "mnist", "right": "mnist"},
-            "class_names": {"left": _DIGITS, "right": _DIGITS},
+            "class_names": {"left": list(DIGIT_CLASSES), "right": list(DIGIT_CLASSES)},
         },
     )
 
@@ -471,6 +469,6 @@ def multifashion_mnist(
         items={"left": _FASHION_ITEM, "right": _MNIST_ITEM},
         info={
             "source": {"left": "fashion-mnist", "right": "mnist"},
-            "class_names": {"left": list(FASHION_MNIST_CLASSES), "right": _DIGITS},
+            "class_names": {"left": list(FASHION_MNIST_CLASSES), "right": list(DIGIT_CLASSES)},
         },
     )

@@ -254,7 +254,7 @@ def write_run_html(run: RunDirectory, *, strict: bool = False) -> Path:
             body = "".join(
                 f"<h3>Task {esc(task)}</h3>"
                 + table_html(headers, rows)
-                + f'<p class="note">{esc(note[0].upper() + note[1:])}.</p>'
+                + f'<p class="note">{esc(note)}.</p>'
                 for task, (headers, rows, note) in per_class.items()
             )
             sections.append(Section("per-class", "Per class", body))

@@ -34,11 +34,11 @@ def results_table(results: dict[str, object], split: str = "test") -> str:
     return markdown_table(headers, [row])
 
 
-#: what the per-class tables say about their rows
+#: what the per-class tables say about their rows (a sentence, without its full stop)
 CLASS_NOTES = {
-    "iou": "classes sorted by their share of the labelled training pixels, rarest first; "
+    "iou": "Classes sorted by their share of the labelled training pixels, rarest first; "
     "IoU in percent",
-    "class_accuracy": "the accuracy on each class's samples (its recall), in percent; "
+    "class_accuracy": "The accuracy on each class's samples (its recall), in percent; "
     "samples: how many of the split's samples have that class",
 }
 
@@ -52,46 +52,41 @@ def class_rows(results: dict[str, Any]) -> dict[str, tuple[list[str], list[list[
     infos = results.get("classes") or {}
     for task in results.get("tasks") or list(results["test"].get("details", {})):
         details = results["test"].get("details", {}).get(task, {})
-        val_details = results["val"].get("details", {}).get(task, {})
+        key = next((k for k in CLASS_NOTES if details.get(k) is not None), None)
+        if key is None:
+            continue
+        test = details[key]
+        val = results["val"].get("details", {}).get(task, {}).get(key)
         info = infos.get(task, {})
-        if details.get("iou") is not None:
-            test = details["iou"]
-            val = val_details.get("iou")
+        names = info.get("names") or [str(c) for c in range(len(test))]
+        order = list(range(len(test)))
+        if key == "iou":
             pixels = info.get("train_pixels")
-            names = info.get("names") or [str(c) for c in range(len(test))]
             total = float(sum(pixels)) if pixels else 0.0
-            order = list(range(len(test)))
             if pixels and total:
                 order.sort(key=lambda c: pixels[c])
-            headers = ["class", "train pixels %", "test IoU ↑"] + (["val IoU ↑"] if val else [])
-            rows = []
-            for c in order:
-                share = f"{100.0 * pixels[c] / total:.2f}" if pixels and total else "-"
-                row = [names[c], share, format_value(test[c])]
-                if val:
-                    row.append(format_value(val[c]))
-                rows.append(row)
-            tables[task] = (headers, rows, CLASS_NOTES["iou"])
-        elif details.get("class_accuracy") is not None:
-            test = details["class_accuracy"]
-            val = val_details.get("class_accuracy")
-            names = info.get("names") or [str(c) for c in range(len(test))]
-            headers = ["class", "test samples", "test accuracy ↑"]
-            headers += ["val accuracy ↑"] if val else []
-            rows = []
-            for c in range(len(test)):
-                row = [names[c], f"{details['samples'][c]:.0f}", format_value(test[c])]
-                if val:
-                    row.append(format_value(val[c]))
-                rows.append(row)
-            tables[task] = (headers, rows, CLASS_NOTES["class_accuracy"])
+            second = "train pixels %"
+            column = [
+                f"{100.0 * pixels[c] / total:.2f}" if pixels and total else "-" for c in order
+            ]
+            metric = "IoU"
+        else:
+            second = "test samples"
+            column = [f"{details['samples'][c]:.0f}" for c in order]
+            metric = "accuracy"
+        headers = ["class", second, f"test {metric} ↑"] + ([f"val {metric} ↑"] if val else [])
+        rows = [
+            [names[c], extra, format_value(test[c])] + ([format_value(val[c])] if val else [])
+            for c, extra in zip(order, column, strict=True)
+        ]
+        tables[task] = (headers, rows, CLASS_NOTES[key])
     return tables
 
 
 def class_table(results: dict[str, Any]) -> str | None:
     """The per-class tables of :func:`class_rows` in Markdown; ``None`` without any."""
     tables = [
-        f"Task `{task}` ({note}):\n\n{markdown_table(headers, rows)}"
+        f"Task `{task}`. {note}.\n\n{markdown_table(headers, rows)}"
         for task, (headers, rows, note) in class_rows(results).items()
     ]
     return "\n\n".join(tables) if tables else None
