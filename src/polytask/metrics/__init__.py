@@ -11,6 +11,10 @@ registered in :data:`METRICS`:
   ``within_22.5``, ``within_30``)
 * ``"accuracy"``: :class:`Accuracy` (``accuracy``)
 * ``"regression"``: :class:`RegressionMetric` (``mae``, ``rmse``)
+* ``"multilabel"``: :class:`MultiLabelMetric` (binary and multi-label: ``f1``, ``precision``,
+  ``recall``, ``balanced_accuracy``, ``roc_auc``, ``average_precision`` averaged over labels,
+  ``f1_micro``, ``precision_micro``, ``recall_micro``, ``hamming_loss``, ``subset_accuracy``;
+  ``values`` selects which)
 
 Delta_m, in either of its two named conventions, is :func:`delta_m` against a
 :class:`Baseline`; the decathlon score of Rebuffi et al. (many classification tasks at once)
@@ -22,6 +26,7 @@ from .classification import Accuracy
 from .decathlon import decathlon_score
 from .delta_m import DELTA_M_CONVENTIONS, Baseline, delta_m, delta_m_higher_is_better
 from .depth import PROTOCOLS, DepthMetric, MetricProtocol
+from .multilabel import MULTILABEL_VALUES, MultiLabelMetric
 from .normals import THRESHOLDS, NormalMetric
 from .registry import METRICS
 from .regression import RegressionMetric
@@ -30,6 +35,7 @@ from .segmentation import SegmentationMetric
 __all__ = [
     "DELTA_M_CONVENTIONS",
     "METRICS",
+    "MULTILABEL_VALUES",
     "PROTOCOLS",
     "THRESHOLDS",
     "Accuracy",
@@ -37,6 +43,7 @@ __all__ = [
     "DepthMetric",
     "Metric",
     "MetricProtocol",
+    "MultiLabelMetric",
     "NormalMetric",
     "Reduction",
     "RegressionMetric",
