@@ -10,9 +10,19 @@ A grid file is YAML::
     baseline: single_task           # the cell whose test results are the Delta_m baseline
     delta_m: metric_mean            # or task_mean
     protocol: "..."                 # the named protocol and where it comes from (tables say it)
-    cells:
+    cells:                          # cells listed one by one
       single_task: {model.architecture: single_task}
-      hps_equal: {model.architecture: hps, balancer.name: equal}
+    product:                        # and/or every combination of one level per axis
+      architecture:                 # axis -> {level: overrides}
+        hps: {model.architecture: hps}
+        mtan: {model.architecture: mtan}
+      method:
+        equal: {balancer.name: equal}
+        dwa: {balancer.name: dwa}
+    exclude: [mtan-dwa]             # product cells left out (names or shell patterns)
+
+The product's cells are named by their levels joined by ``-`` (``hps-equal``), first axis
+outermost, and come after the listed ``cells``.
 
 Every (cell, seed) is one run directory ``GRID_DIR/CELL/seed-K``. Running the grid again
 skips finished runs and resumes interrupted ones, so a grid can be extended cell by cell.
@@ -30,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import fnmatch
+import itertools
 import json
 import math
 import statistics
@@ -64,8 +75,10 @@ from .training.trainer import Trainer
 
 __all__ = [
     "GridSpec",
+    "expand_cells",
     "load_grid",
     "mean_ranks",
+    "read_grid_spec",
     "run_grid",
     "summarize_grid",
     "verdict_sentence",
@@ -77,7 +90,12 @@ class GridSpec:
     """A validated grid file."""
 
     name: str
-    cells: dict[str, dict[str, Any]]
+    #: cells listed one by one: name -> dotted overrides
+    cells: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: cells as a cartesian product: axis -> {level: dotted overrides}; see expand_cells
+    product: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: product cells left out: names or shell patterns (``single_task-*``)
+    exclude: list[str] = field(default_factory=list)
     output_dir: str = "runs"
     base: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
@@ -91,15 +109,123 @@ class GridSpec:
     decathlon_score: bool = False
 
 
+_NAME_CHARS = frozenset("_-.")
+
+
+def _check_overrides(value: Any, where: str) -> dict[str, Any]:
+    """A cell's or a level's overrides: a mapping of dotted keys (null: none)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping of dotted overrides, found {value!r}.")
+    for key in value:
+        if not isinstance(key, str) or not key:
+            raise ConfigError(
+                f"{where}: expected dotted keys such as model.architecture, found {key!r}."
+            )
+    return dict(value)
+
+
+def expand_cells(spec: GridSpec, where: str = "grid") -> dict[str, dict[str, Any]]:
+    """Every cell of a grid, in order: the listed ``cells``, then the ``product`` cells
+    that ``exclude`` leaves.
+
+    A product cell takes one level of every axis (the first axis outermost, levels in the
+    order written); its name is the level names joined by ``-`` and its overrides are the
+    levels' overrides together. Errors: an axis without levels, a level or axis name with
+    characters other than letters, digits, ``_`` and ``.``, two axes of one cell setting the
+    same key, a name made twice or also listed in ``cells``, an ``exclude`` pattern that
+    matches no product cell, and a grid without any cell.
+    """
+    cells: dict[str, dict[str, Any]] = {}
+    for name, overrides in spec.cells.items():
+        if not name or not all(c.isalnum() or c in _NAME_CHARS for c in name):
+            raise ConfigError(
+                f"{where}: cell name {name!r} may use letters, digits, '_', '-', '.'."
+            )
+        cells[name] = _check_overrides(overrides, f"{where}: cell {name!r}")
+    axes: list[list[tuple[str, dict[str, Any]]]] = []
+    for axis, levels in spec.product.items():
+        if not axis or not all(c.isalnum() or c in "_." for c in axis):
+            raise ConfigError(
+                f"{where}: product axis name {axis!r} may use letters, digits, '_' and '.'."
+            )
+        if not isinstance(levels, dict) or not levels:
+            raise ConfigError(
+                f"{where}: product axis {axis!r} needs at least one level "
+                f"(a mapping level name -> overrides), found {levels!r}."
+            )
+        axis_levels = []
+        for level, overrides in levels.items():
+            if (
+                not isinstance(level, str)
+                or not level
+                or not all(c.isalnum() or c in "_." for c in level)
+            ):
+                raise ConfigError(
+                    f"{where}: level {level!r} of product axis {axis!r} may use letters, digits, "
+                    "'_' and '.' ('-' joins the levels of a cell's name)."
+                )
+            axis_levels.append(
+                (level, _check_overrides(overrides, f"{where}: product.{axis}.{level}"))
+            )
+        axes.append(axis_levels)
+    product: dict[str, dict[str, Any]] = {}
+    for combination in itertools.product(*axes) if axes else ():
+        name = "-".join(level for level, _ in combination)
+        merged: dict[str, Any] = {}
+        setter: dict[str, str] = {}
+        for axis, (level, overrides) in zip(spec.product, combination, strict=True):
+            for key, value in overrides.items():
+                if key in merged:
+                    raise ConfigError(
+                        f"{where}: product cell {name!r}: levels {setter[key]!r} and "
+                        f"{axis}.{level} both set {key!r}; an axis's levels must set keys that "
+                        "no other axis sets."
+                    )
+                merged[key], setter[key] = value, f"{axis}.{level}"
+        if name in cells:
+            raise ConfigError(
+                f"{where}: product cell {name!r} is also listed in `cells`; rename one of them."
+            )
+        product[name] = merged
+    if spec.exclude and not product:
+        raise ConfigError(f"{where}: `exclude` needs a `product` to exclude cells from.")
+    excluded: set[str] = set()
+    for pattern in spec.exclude:
+        matched = fnmatch.filter(product, pattern)
+        if not pattern or not matched:
+            raise ConfigError(
+                f"{where}: exclude pattern {pattern!r} matches no product cell; the product "
+                f"cells are {', '.join(product)}."
+            )
+        excluded.update(matched)
+    cells.update((name, o) for name, o in product.items() if name not in excluded)
+    if not cells:
+        raise ConfigError(
+            f"{where}: the grid has no cell: give `cells`, or a `product` that `exclude` "
+            "does not empty."
+        )
+    return cells
+
+
+def read_grid_spec(path: str | Path) -> GridSpec:
+    """A grid file's :class:`GridSpec` with ``cells`` holding every cell (listed and product
+    cells, see :func:`expand_cells`), without validating the cells' configurations."""
+    path = Path(path)
+    spec = from_dict(GridSpec, read_yaml(path), "grid")
+    spec.cells = expand_cells(spec, str(path))
+    return spec
+
+
 def load_grid(
     path: str | Path, overrides: Sequence[str] = ()
 ) -> tuple[GridSpec, dict[str, Config]]:
-    """Read a grid file and validate the full configuration of every cell up front."""
+    """Read a grid file and validate the full configuration of every cell up front.
+
+    The returned spec's ``cells`` holds every cell, product cells included."""
     path = Path(path)
-    raw = read_yaml(path)
-    spec = from_dict(GridSpec, raw, "grid")
-    if not spec.cells:
-        raise ConfigError(f"{path}: `cells` must define at least one cell.")
+    spec = read_grid_spec(path)
     if not spec.seeds or len(set(spec.seeds)) != len(spec.seeds):
         raise ConfigError(f"{path}: `seeds` must be a non-empty list of distinct integers.")
     if spec.baseline is not None and spec.baseline not in spec.cells:
@@ -117,10 +243,8 @@ def load_grid(
     base = apply_overrides(base, parsed)
     configs: dict[str, Config] = {}
     for cell, cell_overrides in spec.cells.items():
-        if not all(c.isalnum() or c in "_-." for c in cell):
-            raise ConfigError(f"{path}: cell name {cell!r} may use letters, digits, '_', '-', '.'.")
         try:
-            data = apply_overrides(base, cell_overrides or {})
+            data = apply_overrides(base, cell_overrides)
             configs[cell] = load_config(anchor_plugin_paths(data, path.parent))
         except ConfigError as exc:
             raise ConfigError(f"{path}, cell {cell!r}: {exc}") from None
@@ -309,7 +433,7 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
         grid_file = grid_dir / "grid.yaml"
         if not grid_file.is_file():
             raise ConfigError(f"{grid_dir} is not a grid directory (no grid.yaml).")
-        spec = from_dict(GridSpec, read_yaml(grid_file), "grid")
+        spec = read_grid_spec(grid_file)
     runs: dict[str, list[dict[str, Any]]] = {}
     seeds_of: dict[str, list[int]] = {}
     for cell in spec.cells:
