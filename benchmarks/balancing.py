@@ -46,21 +46,37 @@ from polytask.training.build import resolve_shared
 FLOOR = "__floor__"
 
 
+ARCHITECTURE_OPTIONS: dict[str, dict[str, Any]] = {
+    "hps": {},
+    "mmoe": {"num_experts": 4},
+    "ple": {"shared_experts": 2, "task_experts": 1},
+}
+"""The MLP setting's architectures (``--architecture``) and their options."""
+
+
 def mlp_setting(
-    k: int, batch: int
+    k: int,
+    batch: int,
+    architecture: str = "hps",
+    inputs: int = 256,
+    hidden: tuple[int, ...] = (512, 512, 256),
 ) -> tuple[MultiTaskModel, Tensor, dict[str, Tensor], dict[str, Task]]:
     tasks = {
         f"t{i}": Task(name=f"t{i}", loss=MSELoss(), metrics={"accuracy": Accuracy}, output_dim=1)
         for i in range(k)
     }
     mlp = BACKBONES.get("mlp")
-    model = ARCHITECTURES.get("hps")(
+    extra: dict[str, Any] = dict(ARCHITECTURE_OPTIONS[architecture])
+    if architecture != "hps":
+        extra["input_shape"] = (inputs,)
+    model = ARCHITECTURES.get(architecture)(
         tasks=tasks,
-        backbone=lambda: mlp(input_shape=(256,), hidden=(512, 512, 256)),
+        backbone=lambda: mlp(input_shape=(inputs,), hidden=hidden),
         head=lambda t, f: mlp_head(t, f, hidden=64),
+        **extra,
     )
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 256, generator=g)
+    x = torch.randn(batch, inputs, generator=g)
     y = {t: torch.randn(batch, 1, generator=g) for t in tasks}
     return model, x, y, tasks
 
@@ -92,7 +108,9 @@ def build(
     """One method's own model (same initialisation for every method), optimizer and step."""
     torch.manual_seed(0)
     if args.setting == "mlp":
-        model, x, y, tasks = mlp_setting(k, args.batch)
+        model, x, y, tasks = mlp_setting(
+            k, args.batch, args.architecture, args.inputs, tuple(args.hidden)
+        )
     else:
         model, x, y, tasks = mtan_setting(args.batch, args.width, tuple(args.size))
     names = list(tasks)
@@ -205,6 +223,13 @@ def main() -> None:
     )
     parser.add_argument("--setting", choices=["mlp", "mtan"], default="mlp")
     parser.add_argument("--tasks", type=int, nargs="+", default=[3, 10, 40])
+    parser.add_argument(
+        "--architecture", choices=sorted(ARCHITECTURE_OPTIONS), default="hps", help="(mlp)"
+    )
+    parser.add_argument("--inputs", type=int, default=256, help="input features (mlp)")
+    parser.add_argument(
+        "--hidden", type=int, nargs="+", default=[512, 512, 256], help="MLP widths (mlp)"
+    )
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--width", type=float, default=0.125, help="SegNet width multiplier (mtan)")
     parser.add_argument("--size", type=int, nargs=2, default=[72, 96], help="input H W (mtan)")
@@ -258,7 +283,8 @@ def render(rows: list[tuple[str, int, dict[str, Any]]], args: argparse.Namespace
     floor = {k: r for label, k, r in rows if label.startswith("K backward")}
     command = " ".join(a for a in sys.argv[1:] if not a.startswith("--child"))
     lines = [
-        f"# Balancing cost, setting `{args.setting}`",
+        f"# Balancing cost, setting `{args.setting}`"
+        + (f", architecture `{args.architecture}`" if args.setting == "mlp" else ""),
         "",
         f"Command: `python benchmarks/{Path(__file__).name} {command}`",
         f"Machine: {platform.processor() or platform.machine()}, {args.threads} threads, "

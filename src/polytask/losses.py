@@ -10,7 +10,9 @@ device (no ``.item()``, no ``nonzero``), so they are safe on the GPU hot path.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
@@ -139,7 +141,48 @@ class L1Loss(_ElementwiseLoss):
 
 @LOSSES.register("bce_with_logits")
 class BCEWithLogitsLoss(_ElementwiseLoss):
-    """Binary cross-entropy on logits, for binary or multi-label targets in {0, 1}."""
+    """Binary cross-entropy on logits, for binary or multi-label targets in {0, 1}.
+
+    Args:
+        pos_weight: optional weight of the positive term of every label (the last dimension
+            of ``pred``), as :func:`torch.nn.functional.binary_cross_entropy_with_logits`
+            applies it: ``-(w y log s(x) + (1 - y) log(1 - s(x)))``. ``n_negative /
+            n_positive`` of the training split balances a rare label's two kinds of error
+            (see :func:`polytask.tasks.label_tasks`). Each weight must be finite and positive.
+    """
+
+    def __init__(self, pos_weight: Sequence[float] | None = None) -> None:
+        if pos_weight is not None:
+            weights = [float(w) for w in pos_weight]
+            if not weights or not all(math.isfinite(w) and w > 0 for w in weights):
+                raise ValueError(
+                    f"Expected `pos_weight` to be a non-empty list of finite positive numbers, "
+                    f"found {list(pos_weight)!r}."
+                )
+            self.pos_weight: tuple[float, ...] | None = tuple(weights)
+        else:
+            self.pos_weight = None
+        self._cache: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+    def _weight(self, like: Tensor) -> Tensor | None:
+        if self.pos_weight is None:
+            return None
+        if like.shape[-1] != len(self.pos_weight):
+            raise ValueError(
+                f"Expected predictions with {len(self.pos_weight)} labels in the last dimension "
+                f"(one per `pos_weight`), found shape {tuple(like.shape)}."
+            )
+        key = (like.dtype, like.device)
+        if key not in self._cache:
+            self._cache[key] = torch.tensor(self.pos_weight, dtype=like.dtype, device=like.device)
+        return self._cache[key]
 
     def _elementwise(self, pred: Tensor, target: Tensor) -> Tensor:
-        return F.binary_cross_entropy_with_logits(pred, target, reduction="none")
+        return F.binary_cross_entropy_with_logits(
+            pred, target, reduction="none", pos_weight=self._weight(pred)
+        )
+
+    def __repr__(self) -> str:
+        if self.pos_weight is None:
+            return "BCEWithLogitsLoss()"
+        return f"BCEWithLogitsLoss(pos_weight={list(self.pos_weight)})"

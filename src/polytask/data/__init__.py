@@ -14,6 +14,7 @@ from . import penguins as penguins
 from . import qm9 as qm9
 from . import scenes as scenes
 from . import solarflare as solarflare
+from . import yeast as yeast
 from .base import DATASETS, SPLITS, DataBundle
 from .tensor import TensorMTLDataset
 

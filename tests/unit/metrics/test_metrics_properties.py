@@ -12,9 +12,11 @@ from torch import Tensor
 from polytask.errors import ConfigError
 from polytask.metrics import (
     METRICS,
+    MULTILABEL_VALUES,
     Accuracy,
     DepthMetric,
     Metric,
+    MultiLabelMetric,
     NormalMetric,
     RegressionMetric,
     SegmentationMetric,
@@ -51,6 +53,10 @@ def regression_batch(gen: torch.Generator, b: int) -> Batch:
     return torch.randn(b, 1, generator=gen), torch.randn(b, generator=gen)
 
 
+def multilabel_batch(gen: torch.Generator, b: int) -> Batch:
+    return torch.randn(b, 3, generator=gen), torch.randint(0, 2, (b, 3), generator=gen)
+
+
 CASES: dict[str, tuple[Callable[[], Metric], Callable[[torch.Generator, int], Batch]]] = {
     "segmentation": (lambda: SegmentationMetric(num_classes=4), segmentation_batch),
     "depth-dataset": (lambda: DepthMetric(), depth_batch),
@@ -59,6 +65,7 @@ CASES: dict[str, tuple[Callable[[], Metric], Callable[[torch.Generator, int], Ba
     "normals-per_batch": (lambda: NormalMetric(protocol="per_batch"), normals_batch),
     "accuracy": (lambda: Accuracy(), accuracy_batch),
     "regression": (lambda: RegressionMetric(), regression_batch),
+    "multilabel": (lambda: MultiLabelMetric(values=MULTILABEL_VALUES), multilabel_batch),
 }
 
 
@@ -168,6 +175,7 @@ def test_registry_names_every_metric() -> None:
     assert METRICS.get("normals") is NormalMetric
     assert METRICS.get("accuracy") is Accuracy
     assert METRICS.get("regression") is RegressionMetric
+    assert METRICS.get("multilabel") is MultiLabelMetric
     with pytest.raises(ConfigError, match="segmentation"):
         METRICS.get("segmentaton")
 
