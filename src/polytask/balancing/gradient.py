@@ -136,6 +136,24 @@ class GradientBalancer(Balancer):
         #: (the same rows, K times the work; for checking a new architecture)
         self.feature_single_pass = True
 
+    def cost(self, name: str) -> str:
+        """What one step of this method costs, in words, for a run's log (``name``: how
+        the configuration names the method)."""
+        k = len(self.task_names)
+        if self.level == "feature":
+            return (
+                f"{name} at the feature level: the {k} task gradients of the shared "
+                "representation from one backward pass, then one pass through the shared "
+                "trunk: about the cost of equal weighting (docs/balancing.md#cost)."
+            )
+        return (
+            f"{name} at the parameter level: {k} backward passes through the shared "
+            f"parameters per step (equal weighting: 1) and the {k} x {k} Gramian of their "
+            f"gradients. `balancer.options.level: feature` takes the {k} task gradients of the "
+            "shared representation from one backward pass instead, at about the cost of equal "
+            "weighting (docs/balancing.md#cost)."
+        )
+
     @abstractmethod
     def aggregate(self, jacobian: Tensor, tasks: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Combine the rows of ``jacobian`` (one per task of ``tasks``, float32, unscaled).

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import polytask.data._tabular as tabular
 import polytask.data.yeast as ye
 from helpers import assert_error, cli
 from polytask.data import DATASETS, SPLITS, DataBundle, TensorMTLDataset
@@ -158,7 +159,7 @@ def test_bad_option_through_the_cli(capsys: pytest.CaptureFixture[str], tmp_path
 
 
 def _rewritten(tmp_path: Path, edit: Any) -> Path:
-    original = ye.package_file("river", "datasets/yeast.csv.gz", "test")
+    original = tabular.package_file("river", "datasets/yeast.csv.gz", "test")
     text = gzip.decompress(original.read_bytes()).decode()
     path = tmp_path / "yeast.csv.gz"
     path.write_bytes(gzip.compress(edit(text).encode()))
