@@ -114,6 +114,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if summary.get("verdict"):
         print()
         print(summary["verdict"])
+    if summary.get("unfinished_note"):
+        print()
+        print(summary["unfinished_note"])
     if summary.get("html"):
         print()
         print(f"report: {summary['html']}")
@@ -131,6 +134,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
         if (path / "grid.yaml").is_file():
             summary = summarize_grid(path)
             print(summary["table"])
+            if summary.get("unfinished_note"):
+                print(summary["unfinished_note"])
             print(f"written: {path / 'results.md'}")
             if summary.get("html"):
                 print(f"written: {summary['html']}")

@@ -426,8 +426,122 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float | None]:
     return mean, (statistics.stdev(values) if len(values) > 1 else None)
 
 
+FINISHED = "finished"
+NOT_RUN = "not run"
+#: the least margin by which a cell must beat the constant predictor on a value, as a
+#: fraction of the constant predictor's value (see chance_warnings)
+CHANCE_MARGIN = 0.05
+
+
+def run_state(run_path: Path) -> str:
+    """``"finished"`` (the run has its ``results.json``), ``"not run"`` (no run directory
+    with a ``config.yaml``), or ``"running or interrupted (K/N epochs)"``: started, without
+    results yet (a run in progress and a killed one look the same on disk)."""
+    if (run_path / "results.json").is_file():
+        return FINISHED
+    if not (run_path / "config.yaml").is_file():
+        return NOT_RUN
+    run = RunDirectory(run_path)
+    done = len(run.read_metrics())
+    try:
+        total: int | None = int(run.read_config()["train"]["epochs"])
+    except (ConfigError, KeyError, TypeError, ValueError):
+        total = None
+    return (
+        f"running or interrupted ({done}/{total} epochs)"
+        if total
+        else (f"running or interrupted ({done} epochs)")
+    )
+
+
+def cell_state(states: dict[int, str]) -> str:
+    """A cell's state from its runs' (``{seed: run_state}``): ``"finished"``, ``"not run"``
+    or ``"K/N seeds finished; seed S: STATE; ..."``."""
+    finished = sum(state == FINISHED for state in states.values())
+    if finished == len(states):
+        return FINISHED
+    if all(state == NOT_RUN for state in states.values()):
+        return NOT_RUN
+    rest = "; ".join(f"seed {seed}: {st}" for seed, st in states.items() if st != FINISHED)
+    return f"{finished}/{len(states)} seeds finished; {rest}"
+
+
+def chance_warnings(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The (cell, task) pairs at chance level: ``[{"cell", "task", "seeds", "values",
+    "text"}]``.
+
+    A cell's runs record in ``results.json`` what a constant predictor scores on the test
+    split (``chance``: the majority class, the label prevalences or the mean target; see
+    :func:`polytask.evaluation.chance_level`). The cell is at chance on a task when, for
+    every value of the task that has one, its mean over the finished seeds that recorded it
+    is not better than the constant predictor's (mean) value by more than
+    ``max(2 * std, CHANCE_MARGIN * |chance value|)``, ``std`` the standard deviation over
+    those seeds (0 with one seed). Runs without ``chance`` (older ones, or tasks of other
+    kinds) are never at chance.
+    """
+    found: list[dict[str, Any]] = []
+    for cell, cell_runs in runs.items():
+        scored = [r for r in cell_runs if isinstance(r.get("chance"), dict)]
+        if not scored:
+            continue
+        hib: dict[str, dict[str, bool]] = scored[0].get("higher_is_better") or {}
+        for task, constant in scored[0]["chance"].items():
+            checks: dict[str, dict[str, Any]] = {}
+            seeds = 0
+            for value, higher in hib.get(task, {}).items():
+                pairs = [
+                    (r["test"]["metrics"].get(task, {}).get(value), r["chance"][task].get(value))
+                    for r in scored
+                    if isinstance(r["chance"].get(task), dict)
+                ]
+                numbers = [
+                    (float(m), float(c))
+                    for m, c in pairs
+                    if isinstance(m, int | float) and isinstance(c, int | float)
+                ]
+                numbers = [(m, c) for m, c in numbers if math.isfinite(m) and math.isfinite(c)]
+                if not numbers or value not in constant:
+                    continue
+                mean, std = _mean_std([m for m, _ in numbers])
+                level = statistics.fmean(c for _, c in numbers)
+                margin = max(2.0 * (std or 0.0), CHANCE_MARGIN * abs(level))
+                gain = mean - level if higher else level - mean
+                checks[value] = {
+                    "mean": mean,
+                    "std": std,
+                    "chance": level,
+                    "margin": margin,
+                    "higher_is_better": higher,
+                    "at_chance": gain <= margin,
+                }
+                seeds = max(seeds, len(numbers))
+            if not checks or not all(c["at_chance"] for c in checks.values()):
+                continue
+            described = ", ".join(
+                f"{value} {format_value(c['mean'], c['std'])} against {format_value(c['chance'])}"
+                for value, c in checks.items()
+            )
+            found.append(
+                {
+                    "cell": cell,
+                    "task": task,
+                    "seeds": seeds,
+                    "values": checks,
+                    "text": (
+                        f"cell {cell!r} is at chance level on task {task!r}: {described} for "
+                        f"a constant predictor ({seeds} seed{'s' if seeds != 1 else ''})."
+                    ),
+                }
+            )
+    return found
+
+
 def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[str, Any]:
-    """Collect the finished runs of a grid directory into tables (written next to them)."""
+    """Collect the finished runs of a grid directory into tables (written next to them).
+
+    Cells without every seed finished are listed with their state (``cell_state``); their
+    means are over the finished seeds. (Cell, task) pairs at chance level
+    (``chance_warnings``) are printed as warnings and noted in the tables."""
     grid_dir = Path(grid_dir)
     if spec is None:
         grid_file = grid_dir / "grid.yaml"
@@ -436,16 +550,24 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
         spec = read_grid_spec(grid_file)
     runs: dict[str, list[dict[str, Any]]] = {}
     seeds_of: dict[str, list[int]] = {}
+    states: dict[str, dict[int, str]] = {}
     for cell in spec.cells:
         for seed in spec.seeds:
-            results_path = grid_dir / cell / f"seed-{seed}" / "results.json"
-            if results_path.is_file():
+            run_path = grid_dir / cell / f"seed-{seed}"
+            states.setdefault(cell, {})[seed] = run_state(run_path)
+            if states[cell][seed] == FINISHED:
                 runs.setdefault(cell, []).append(
-                    json.loads(results_path.read_text(encoding="utf-8"))
+                    json.loads((run_path / "results.json").read_text(encoding="utf-8"))
                 )
                 seeds_of.setdefault(cell, []).append(seed)
+    cells_state = {cell: cell_state(s) for cell, s in states.items()}
+    unfinished = {cell: st for cell, st in cells_state.items() if st != FINISHED}
     if not runs:
-        raise ConfigError(f"{grid_dir}: no finished runs yet.")
+        raise ConfigError(
+            f"{grid_dir}: no finished runs yet ("
+            + "; ".join(f"{cell}: {st}" for cell, st in unfinished.items())
+            + ")."
+        )
     first = next(iter(runs.values()))[0]
     hib: dict[str, dict[str, bool]] = first["higher_is_better"]
     columns = results_columns(hib)
@@ -476,6 +598,8 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
     for cell, cell_runs in runs.items():
         row: dict[str, Any] = {"cell": cell, "seeds": len(cell_runs)}
         row["run_seeds"] = seeds_of[cell]
+        row["seeds_total"] = len(spec.seeds)
+        row["state"] = cells_state[cell]
         for t, k, _ in columns:
             row[f"{t}.{k}"] = _mean_std([r["test"]["metrics"][t][k] for r in cell_runs])
         if baseline is not None:
@@ -506,7 +630,10 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
     headers += ["mean rank ↓", "train time s", "parameters"]
     table_rows = []
     for row in rows:
-        cells = [row["cell"], str(row["seeds"])]
+        seeds_shown = str(row["seeds"])
+        if row["seeds"] < row["seeds_total"]:
+            seeds_shown += f"/{row['seeds_total']}"
+        cells = [row["cell"], seeds_shown]
         cells += [format_value(*row[f"{t}.{k}"]) for t, k, _ in columns]
         if baseline is not None:
             cells.append(
@@ -548,8 +675,31 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
         per_class_md = f"\n## Per-class IoU against training pixels\n\n{per_class['table']}\n\n{per_class['note']}\n"
     verdict = verdict_sentence(rows, spec.baseline, spec.delta_m) if baseline is not None else None
     verdict_md = f"\n**Verdict.** {verdict}\n" if verdict else ""
+    unfinished_md = ""
+    if unfinished:
+        unfinished_md = (
+            f"**Unfinished cells** ({len(unfinished)} of {len(cells_state)}): a cell in the "
+            "table with fewer seeds than the grid has (K/N) is the mean over its finished "
+            "seeds; a cell without any finished seed is not in the table.\n\n"
+            + markdown_table(["cell", "state"], [[c, st] for c, st in unfinished.items()])
+        )
+    warnings = chance_warnings(runs)
+    chance_md = ""
+    if warnings:
+        chance_md = (
+            "**At chance level.** "
+            + " ".join(w["text"][0].upper() + w["text"][1:] for w in warnings)
+            + " A cell is at chance on a task when on every value of the task its mean over "
+            "seeds is not better than what a constant predictor (the majority class, the "
+            "label prevalences or the mean target) scores on the test split by more than "
+            f"max(2 x its standard deviation over seeds, {CHANCE_MARGIN:.0%} of the "
+            "constant predictor's value)."
+        )
+    for w in warnings:
+        print(f"polytask: warning: {w['text']}", file=sys.stderr)
+    extra_md = "".join(f"\n{part}\n" for part in (unfinished_md, chance_md) if part)
     (grid_dir / "results.md").write_text(
-        f"{header}{table}\n\n{note}\n{verdict_md}{per_class_md}", encoding="utf-8"
+        f"{header}{table}\n\n{note}\n{verdict_md}{extra_md}{per_class_md}", encoding="utf-8"
     )
     with (grid_dir / "results.csv").open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
@@ -562,13 +712,24 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
                 *[f"{k}{suffix}" for k in keys for suffix in ("", "_std")],
                 "mean_rank",
                 "parameters",
+                "state",
             ]
         )
         for row in rows:
             cells = [v for k in keys for v in row[k]]
             writer.writerow(
-                [row["cell"], row["seeds"], *cells, row["mean_rank"], row["parameters"]]
+                [
+                    row["cell"],
+                    row["seeds"],
+                    *cells,
+                    row["mean_rank"],
+                    row["parameters"],
+                    row["state"],
+                ]
             )
+        for cell, st in unfinished.items():  # without any finished seed: no values
+            if cell not in runs:
+                writer.writerow([cell, 0, *[""] * (2 * len(keys)), "", "", st])
     summary = {
         "grid": spec.name,
         "protocol": spec.protocol,
@@ -578,6 +739,14 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
         "baseline": None if baseline is None else baseline.source,
         "per_class": per_class,
         "verdict": verdict,
+        "cells": {
+            cell: {"state": cells_state[cell], "runs": {str(k): v for k, v in s.items()}}
+            for cell, s in states.items()
+        },
+        "unfinished": unfinished,
+        "unfinished_note": unfinished_md or None,
+        "chance_warnings": warnings,
+        "chance_note": chance_md or None,
     }
     (grid_dir / "results.json").write_text(
         json.dumps(summary, indent=2, default=str), encoding="utf-8"

@@ -1,4 +1,8 @@
-"""Evaluation: exact metrics over a split, and the selection score."""
+"""Evaluation: exact metrics over a split, the selection score, and chance level.
+
+Chance level is what a constant predictor scores, with the task's own metrics, on a split:
+see :func:`chance_level`.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +16,30 @@ from torch import Tensor
 
 from .data.base import Split
 from .data.loading import JOINT, epoch_schedule, iterate_batches, to_device
+from .data.tensor import TensorMTLDataset
 from .metrics.base import Metric
 from .models.base import MultiTaskModel
 from .progress import ProgressFactory
 from .tasks import Task
 
-__all__ = ["EvalResult", "autocast", "evaluate", "split_datasets"]
+__all__ = [
+    "CHANCE_KINDS",
+    "EvalResult",
+    "autocast",
+    "chance_level",
+    "chance_values",
+    "collect_targets",
+    "constant_prediction",
+    "evaluate",
+    "split_datasets",
+    "tensor_targets",
+]
+
+CHANCE_KINDS = ("classification", "multilabel", "regression")
+"""Task kinds whose best constant predictor :func:`constant_prediction` knows."""
+
+#: the prevalences a multi-label constant predictor's logits are clipped to (logits +-9.2)
+_PREVALENCE_CLIP = 1e-4
 
 
 @dataclass
@@ -133,3 +155,160 @@ def evaluate(
         for name in tasks
     }
     return EvalResult(metrics=values, losses=losses, details=details)
+
+
+# -- chance level: the scores of a constant predictor ----------------------------------------
+
+
+def _chance_ready(task: Task, target: Tensor) -> bool:
+    """Whether ``target`` has the form the constant predictor of ``task.kind`` needs."""
+    if target.shape[0] == 0:
+        return False
+    if task.kind == "classification":
+        return target.dim() == 1 and not target.is_floating_point() and int(target.min()) >= 0
+    if task.kind == "multilabel":
+        return target.dim() in (1, 2) and bool(((target == 0) | (target == 1)).all())
+    if task.kind == "regression":
+        return target.is_floating_point() and target.dim() >= 1
+    return False
+
+
+def constant_prediction(task: Task, reference: Tensor, n: int) -> Tensor | None:
+    """A constant prediction for ``n`` samples, in the form ``task``'s metrics receive
+    (after :meth:`Task.prepare`), from the targets ``reference`` (labelled samples only).
+
+    * ``"classification"`` (class indices ``[N]``): the majority class of ``reference`` (the
+      smallest index among tied ones) as one-hot scores ``[n, C]``;
+    * ``"multilabel"`` (0 / 1 targets ``[N, L]`` or ``[N]``): every label's prevalence ``p``
+      in ``reference`` as the logit ``log(p / (1 - p))``, ``p`` clipped to
+      ``[1e-4, 1 - 1e-4]``;
+    * ``"regression"`` (float targets ``[N, ...]``): the mean of ``reference``.
+
+    ``None`` for other kinds, or when ``reference`` does not have that form.
+    """
+    if not _chance_ready(task, reference):
+        return None
+    if task.kind == "classification":
+        counts = torch.bincount(reference.long())
+        majority = int(counts.argmax())
+        scores = torch.zeros(n, max(task.output_dim, majority + 1))
+        scores[:, majority] = 1.0
+        return scores
+    if task.kind == "multilabel":
+        p = reference.double().mean(dim=0).clamp(_PREVALENCE_CLIP, 1.0 - _PREVALENCE_CLIP)
+        logits = torch.log(p / (1.0 - p)).float()
+        return logits.expand(n, *logits.shape).clone()
+    mean = reference.double().mean(dim=0).to(reference.dtype)
+    return mean.expand(n, *mean.shape).clone()
+
+
+def chance_values(
+    tasks: Mapping[str, Task],
+    targets: Mapping[str, Tensor],
+    reference: Mapping[str, Tensor] | None = None,
+) -> dict[str, dict[str, float]]:
+    """``{task: {value: float}}``: what the constant predictor of each task (see
+    :func:`constant_prediction`), built from ``reference[task]`` (or, where that is missing
+    or of another shape, from ``targets[task]`` itself), scores on ``targets[task]`` with the
+    task's own metrics. Tasks of other kinds, or whose metrics refuse the prediction, are
+    left out."""
+    values: dict[str, dict[str, float]] = {}
+    for name, target in targets.items():
+        task = tasks[name]
+        if task.kind not in CHANCE_KINDS or not _chance_ready(task, target):
+            continue
+        ref = None if reference is None else reference.get(name)
+        if ref is None or ref.shape[1:] != target.shape[1:] or not _chance_ready(task, ref):
+            ref = target
+        pred = constant_prediction(task, ref, target.shape[0])
+        if pred is None:
+            continue
+        try:
+            scored: dict[str, float] = {}
+            for metric in task.make_metrics().values():
+                metric.update(pred, target)
+                scored.update(metric.compute())
+        except (ValueError, RuntimeError, TypeError, IndexError):
+            continue  # a metric that does not take this prediction: no chance level
+        values[name] = scored
+    return values
+
+
+def tensor_targets(split: Split, tasks: Mapping[str, Task]) -> dict[str, Tensor]:
+    """The labelled targets of the :data:`CHANCE_KINDS` tasks of ``split`` that are held in
+    memory by a :class:`~polytask.data.TensorMTLDataset` (read without loading any input);
+    tasks of other data sets are missing from the result."""
+    datasets = split_datasets(split, tasks)
+    result: dict[str, Tensor] = {}
+    for name, task in tasks.items():
+        if task.kind not in CHANCE_KINDS:
+            continue
+        dataset = datasets.get(name, datasets.get(JOINT))
+        if not isinstance(dataset, TensorMTLDataset) or name not in dataset.targets:
+            continue
+        target = dataset.targets[name]
+        mask = None if dataset.mask is None else dataset.mask.get(name)
+        result[name] = (target if mask is None else target[mask]).detach().cpu()
+    return result
+
+
+def collect_targets(
+    split: Split, tasks: Mapping[str, Task], *, batch_size: int, num_workers: int = 0
+) -> dict[str, Tensor]:
+    """The labelled targets of every :data:`CHANCE_KINDS` task of ``split`` (on the CPU),
+    read from memory where the data set allows it (:func:`tensor_targets`), otherwise
+    with one pass over the split's batches (no model)."""
+    result = tensor_targets(split, tasks)
+    missing = {n: t for n, t in tasks.items() if t.kind in CHANCE_KINDS and n not in result}
+    if not missing:
+        return result
+    datasets = split_datasets(split, tasks)
+    if JOINT not in datasets:
+        datasets = {k: d for k, d in datasets.items() if k in missing}
+    sizes = {k: len(d) for k, d in datasets.items()}
+    steps = epoch_schedule(
+        sizes, batch_size=batch_size, seed=0, epoch=0, shuffle=False, strategy="round_robin"
+    )
+    parts: dict[str, list[Tensor]] = {name: [] for name in missing}
+    for batches in iterate_batches(datasets, steps, num_workers=num_workers):
+        for key, batch in batches.items():
+            masks = batch.get("mask") or {}
+            for name in missing if key == JOINT else (key,):
+                target, mask = batch["targets"][name], masks.get(name)
+                if mask is not None:
+                    target = target[mask.to(torch.bool)]
+                parts[name].append(target.detach().cpu())
+    result.update({name: torch.cat(p) for name, p in parts.items() if p})
+    return result
+
+
+def chance_level(
+    tasks: Mapping[str, Task],
+    split: Split,
+    *,
+    reference: Split | None = None,
+    batch_size: int,
+    num_workers: int = 0,
+) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+    """What a constant predictor scores on ``split``, for every task of a
+    :data:`CHANCE_KINDS` kind: ``({task: {value: float}}, {task: "train" | "evaluated"})``.
+
+    The constant comes from the targets of ``reference`` (the training split) where they are
+    in memory (:func:`tensor_targets`; "train"), otherwise from the evaluated split's own
+    targets ("evaluated"). A threshold for warnings (a model that does no better has learned
+    nothing), not a result.
+    """
+    targets = collect_targets(split, tasks, batch_size=batch_size, num_workers=num_workers)
+    if not targets:
+        return {}, {}
+    ref = tensor_targets(reference, tasks) if reference is not None else {}
+    values = chance_values(tasks, targets, ref)
+    source = {
+        name: "train"
+        if name in ref
+        and ref[name].shape[1:] == targets[name].shape[1:]
+        and _chance_ready(tasks[name], ref[name])
+        else "evaluated"
+        for name in values
+    }
+    return values, source

@@ -3,6 +3,7 @@ shows every cell with finished runs."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -47,8 +48,11 @@ def test_a_grid_run_in_parts(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert main(["compare", str(grid), "--quiet", "--cells", "hps-d*, stl"]) == 0
     assert _trained(grid_dir) == ["hps-dwa", "stl"]
     out = capsys.readouterr().out
-    table = out[out.rindex("| cell") :]
+    last = out[[m.start() for m in re.finditer(r"^\| cell +\| seeds", out, re.M)][-1] :]
+    table, _, rest = last.partition("\n\n")
     assert "| hps-dwa" in table and "| stl" in table and "hps-equal" not in table
+    # the cell not trained yet is listed with its state after the table, not left out
+    assert re.search(r"^\| hps-equal +\| not run +\|$", rest, re.M)
     assert main(["compare", str(grid), "--quiet"]) == 0  # the rest
     assert _trained(grid_dir) == ["hps-dwa", "hps-equal", "stl"]
 

@@ -77,7 +77,11 @@ def _spec(**raw: Any) -> GridSpec:
 
 AXES = {
     "arch": {"hps": {"model.architecture": "hps"}, "mtan": {"model.architecture": "mtan"}},
-    "method": {"equal": {"balancer.name": "equal"}, "dwa": None, "pcgrad": {"balancer.name": "pcgrad"}},
+    "method": {
+        "equal": {"balancer.name": "equal"},
+        "dwa": None,
+        "pcgrad": {"balancer.name": "pcgrad"},
+    },
 }
 
 
@@ -155,7 +159,7 @@ def test_errors(raw: dict[str, Any], message: str) -> None:
 def test_unknown_grid_key_is_an_error(tmp_path: Path) -> None:
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump({"name": "g", "prodcut": AXES}), encoding="utf-8")
-    with pytest.raises(ConfigError, match="unknown key 'grid.prodcut'.*product"):
+    with pytest.raises(ConfigError, match=r"unknown key 'grid.prodcut'.*product"):
         read_grid_spec(path)
 
 
@@ -173,7 +177,7 @@ def test_load_grid_validates_product_cells_and_baseline(tmp_path: Path) -> None:
         load_grid(path)
     spec.update(baseline=None, product={"arch": {"x": {"model.nope": 1}}})
     path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
-    with pytest.raises(ConfigError, match="cell 'x'.*model.nope"):
+    with pytest.raises(ConfigError, match=r"cell 'x'.*model\.nope"):
         load_grid(path)
 
 

@@ -144,7 +144,9 @@ def write_grid_html(grid_dir: str | Path, *, strict: bool = False) -> Path:
     table_rows = []
     for row in rows:
         cell = row["cell"]
-        cells: list[object] = [cell, *setup[cell], row["seeds"]]
+        total = row.get("seeds_total", row["seeds"])  # K/N: only K of N seeds finished
+        seeds = row["seeds"] if row["seeds"] >= total else f"{row['seeds']}/{total}"
+        cells: list[object] = [cell, *setup[cell], seeds]
         cells += [format_value(*_pair(row.get(f"{t}.{k}"))) for t, k, _ in columns]
         if has_dm:
             cells.append(
@@ -173,6 +175,15 @@ def write_grid_html(grid_dir: str | Path, *, strict: bool = False) -> Path:
     results_body += f'<p class="note">{esc(summary.get("note", ""))}</p>'
     if summary.get("baseline"):
         results_body += f'<p class="note">Baseline: {esc(summary["baseline"])}</p>'
+    unfinished = summary.get("unfinished") or {}
+    if unfinished:
+        results_body += (
+            f"<p><strong>Unfinished cells</strong> ({len(unfinished)}): a cell with K/N seeds "
+            "is the mean over its K finished seeds; a cell without any is not in the table.</p>"
+            + table_html(["cell", "state"], [[c, st] for c, st in unfinished.items()])
+        )
+    if summary.get("chance_note"):
+        results_body += f'<p class="verdict">{esc(summary["chance_note"].replace("**", ""))}</p>'
     sections = [Section("results", "Results", results_body)]
 
     dm_rows = [row for row in rows if "delta_m" in row]

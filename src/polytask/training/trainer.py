@@ -22,7 +22,14 @@ from ..balancing.base import BackwardContext
 from ..config import Config
 from ..data.loading import epoch_schedule, iterate_batches, to_device
 from ..errors import CheckpointError, ConfigError, TrainingDiverged
-from ..evaluation import EvalResult, autocast, evaluate, forward_step, split_datasets
+from ..evaluation import (
+    EvalResult,
+    autocast,
+    chance_level,
+    evaluate,
+    forward_step,
+    split_datasets,
+)
 from ..metrics.delta_m import delta_m, delta_m_higher_is_better
 from ..models.base import MultiTaskModel, capture_representation
 from ..progress import Progress
@@ -540,6 +547,20 @@ class Trainer:
                 "value": delta_m(test["metrics"], c.baseline, conv),
                 "baseline_source": c.baseline.source,
             }
+        try:  # a warning threshold for reports, never a reason to lose the results
+            chance, chance_from = chance_level(
+                c.tasks,
+                c.bundle.test,
+                reference=c.bundle.train,
+                batch_size=cfg.data.eval_batch_size or cfg.data.batch_size,
+                num_workers=cfg.data.num_workers,
+            )
+        except Exception as exc:
+            self.log.warning(f"chance level not computed ({type(exc).__name__}: {exc})")
+            chance, chance_from = {}, {}
+        if chance:
+            results["chance"] = chance
+            results["chance_from"] = chance_from
         self.run.write_results(results)
         weights = (
             f"epoch {selection['epoch'] + 1} ({'best.pt' if sel.protocol == 'best' else 'last.pt'})"
