@@ -70,13 +70,16 @@ class Progress:
                 self._log(self.line(now - self._start))
 
     def line(self, elapsed: float) -> str:
-        """The log line after ``elapsed`` seconds: steps, percentage, time and time left."""
+        """The log line after ``elapsed`` seconds: steps, percentage, time, rate and time left."""
         done_here = self.done - self._initial
         left = self.total - self.done
         text = f"{self.desc}: step {self.done}/{self.total}"
         if self.total:
             text += f" ({100.0 * self.done / self.total:.0f} %)"
         text += f", {elapsed:.0f} s"
+        if done_here > 0 and elapsed > 0:
+            rate = done_here / elapsed
+            text += f", {rate:.3g} steps/s" if rate >= 1 else f", {1 / rate:.3g} s/step"
         if done_here > 0 and left > 0:
             text += f", about {elapsed / done_here * left:.0f} s left"
         return text

@@ -33,7 +33,7 @@ def test_without_a_terminal_a_line_is_logged_every_interval(clock: Clock) -> Non
             assert lines == []  # 29 s: nothing yet
     bar.close()
     assert len(lines) == 3  # at 30, 60 and 90 s
-    assert lines[0] == "epoch 2/5: step 30/100 (30 %), 30 s, about 70 s left"
+    assert lines[0] == "epoch 2/5: step 30/100 (30 %), 30 s, 1 steps/s, about 70 s left"
     assert lines[2].startswith("epoch 2/5: step 90/100 (90 %), 90 s")
 
 
@@ -42,7 +42,15 @@ def test_a_resumed_epoch_estimates_from_the_steps_done_since(clock: Clock) -> No
     bar = Progress(100, "epoch 1/1", log=lines.append, initial=50, interval=10.0, terminal=False)
     clock.now += 10.0
     bar.update(10)  # 10 steps in 10 s, 40 left
-    assert lines == ["epoch 1/1: step 60/100 (60 %), 10 s, about 40 s left"]
+    assert lines == ["epoch 1/1: step 60/100 (60 %), 10 s, 1 steps/s, about 40 s left"]
+
+
+def test_slow_steps_are_given_in_seconds_per_step(clock: Clock) -> None:
+    lines: list[str] = []
+    bar = Progress(10, "epoch 1/3", log=lines.append, interval=30.0, terminal=False)
+    clock.now += 40.0
+    bar.update()  # one step in 40 s, 9 left
+    assert lines == ["epoch 1/3: step 1/10 (10 %), 40 s, 40 s/step, about 360 s left"]
 
 
 def test_disabled_or_on_a_terminal_nothing_is_logged(clock: Clock) -> None:
