@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..balancing.base import BackwardContext
+from ..balancing.gradient import GradientBalancer
 from ..config import Config
 from ..data.loading import epoch_schedule, iterate_batches, to_device
 from ..errors import CheckpointError, ConfigError, TrainingDiverged
@@ -40,6 +41,8 @@ from .seeding import capture_rng_state, restore_rng_state, seed_everything, set_
 
 __all__ = ["INSPECTION_SAMPLES", "StepEnd", "Trainer"]
 
+MANY_TASKS = 5
+"""From this many tasks, a gradient method at the parameter level warns of its cost per step."""
 INSPECTION_SAMPLES = 8
 """Validation samples (the first ones) that the architecture's ``inspect`` hook sees at the end."""
 
@@ -200,6 +203,7 @@ class Trainer:
                     f"{cfg.data.name} tasks {list(self.c.tasks)}; parameters {groups}; "
                     f"device {self.c.device}, precision {cfg.train.precision}"
                 )
+                self._log_cost()
             while self.state.epoch < cfg.train.epochs:
                 self._train_epoch()
             results = self.finish()
@@ -209,6 +213,18 @@ class Trainer:
                 self._tb.close()
             self.run.close_logger()
         return results
+
+    def _log_cost(self) -> None:
+        """State what a step of a gradient method costs, before it is paid: a warning at the
+        parameter level with :data:`MANY_TASKS` tasks or more, else a line of the log."""
+        balancer = self.c.balancer
+        if not isinstance(balancer, GradientBalancer):
+            return
+        text = balancer.cost(self.cfg.balancer.name)
+        if balancer.level == "parameter" and len(balancer.task_names) >= MANY_TASKS:
+            self.log.warning(text)
+        else:
+            self.log.info(text)
 
     def _train_epoch(self) -> None:
         cfg, c, s = self.cfg, self.c, self.state
