@@ -68,7 +68,7 @@ from .config import (
 from .errors import ConfigError
 from .metrics.decathlon import decathlon_score
 from .metrics.delta_m import Baseline, delta_m, delta_m_higher_is_better
-from .report.tables import format_value, markdown_table, results_columns
+from .report.tables import fitted_table, format_value, markdown_table, results_columns
 from .training.build import build_components
 from .training.rundir import RunDirectory
 from .training.trainer import Trainer
@@ -647,7 +647,10 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
             f"{row['parameters']:,}",
         ]
         table_rows.append(cells)
-    table = markdown_table(headers, table_rows)
+    # many tasks: the per-task columns move to a long table (bounded width; see report.tables)
+    table = fitted_table(
+        headers, table_rows, keys=2, columns=[(t, k, hib[t][k]) for t, k, _ in columns]
+    )
     rank_note = (
         f" Mean rank: a cell's rank among the {len(rows)} cells in each of the "
         f"{len(columns)} metric columns (1 = best, ties share), averaged over the columns."

@@ -74,12 +74,77 @@ def _nan(value: Any) -> float:
 
 
 def _epoch_axis(ax: Any, epochs: Sequence[int]) -> None:
+    """Whole epochs on the x axis: every epoch a tick up to 12, integer ticks beyond, and a
+    single epoch in the middle of an axis from ``epoch - 1`` to ``epoch + 1`` (not a
+    fraction of an epoch around it)."""
+    from matplotlib.ticker import MaxNLocator
+
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if len(epochs) <= 12:
         ax.set_xticks(list(epochs))
+    if len(set(epochs)) == 1:
+        ax.set_xlim(epochs[0] - 1, epochs[0] + 1)
+
+
+def _ms(epochs: Sequence[int]) -> float:
+    """The marker size of a per-epoch line: larger when a single epoch is a single dot."""
+    return 6.0 if len(epochs) <= 1 else 3.0
+
+
+#: up to this many series a legend stays inside its axes; beyond, it goes to the right of
+#: them (in columns of at most LEGEND_ROWS entries) and the figure widens to hold it
+LEGEND_INSIDE = 8
+LEGEND_ROWS = 20
+
+
+def _styles(n: int) -> list[dict[str, Any]]:
+    """A colour (and beyond 20 series a line style) per series: tab10 up to 10, tab20 up to
+    20, then tab20 again with other line styles, so that 40 series stay apart."""
+    plt = _plt()
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    dashes = ["-", "--", ":", "-."]
+    return [
+        {"color": cmap(i % cmap.N), "ls": dashes[(i // cmap.N) % len(dashes)]} for i in range(n)
+    ]
+
+
+def _legend_columns(n: int) -> int:
+    return max(1, math.ceil(n / LEGEND_ROWS))
+
+
+def _legend_inches(labels: Sequence[str], fontsize: float = 7.0) -> float:
+    """About how wide (inches) a legend of ``labels`` outside the axes is."""
+    if len(labels) <= LEGEND_INSIDE:
+        return 0.0
+    longest = max((len(str(label)) for label in labels), default=0)
+    column = longest * fontsize * 0.62 / 72 + 0.75
+    return _legend_columns(len(labels)) * column + 0.3
+
+
+def _legend(ax: Any, n: int, *, fontsize: float = 8, title: str | None = None) -> None:
+    """The legend of ``n`` series: inside the axes for a few, outside to the right beyond
+    :data:`LEGEND_INSIDE` (widen the figure by :func:`_legend_inches`)."""
+    if n <= LEGEND_INSIDE:
+        ax.legend(fontsize=fontsize, title=title)
+    else:
+        ax.legend(
+            fontsize=7,
+            title=title,
+            ncol=_legend_columns(n),
+            loc="upper left",
+            bbox_to_anchor=(1.02, 1.0),
+            borderaxespad=0.0,
+        )
 
 
 # -- runs ---------------------------------------------------------------------------------
+
+#: beyond this many tasks the training curves are small multiples with one legend
+CURVES_PANEL_TASKS = 6
+#: beyond this many tasks the gradient cosine figure shows the spread over the pairs of
+#: tasks per epoch instead of a line per pair, and its matrix drops the printed values
+COSINE_PAIR_TASKS = 4
 
 
 def curves_figure(
@@ -90,38 +155,85 @@ def curves_figure(
     if not records:
         return None
     epochs = _epochs(records)
+    ms = _ms(epochs)
     tasks = list(records[0]["train"]["loss"])
     values = [(t, k) for t in tasks for k in records[0]["val"]["metrics"].get(t, {})]
-    fig, axes = _grid(len(tasks) + len(values), 3, (4.2, 3.1))
+    # many tasks: small multiples (smaller panels, more columns, one legend for all)
+    small = len(tasks) > CURVES_PANEL_TASKS
+    fig, axes = _grid(
+        len(tasks) + len(values), 6 if small else 3, (2.6, 2.3) if small else (4.2, 3.1)
+    )
     data: dict[str, Any] = {"epochs": epochs, "train_loss": {}, "val_loss": {}, "val": {}}
     data["test"] = {}
+    title = {"fontsize": 8} if small else {}
     for ax, t in zip(axes, tasks, strict=False):
         train = [_nan(r["train"]["loss"][t]) for r in records]
         val = [_nan(r["val"]["losses"].get(t)) for r in records]
         data["train_loss"][t], data["val_loss"][t] = train, val
-        ax.plot(epochs, train, marker="o", ms=3, label="train")
-        ax.plot(epochs, val, marker="s", ms=3, ls="--", label="val")
-        ax.set_title(f"{t}: loss (lower is better)")
-        ax.set_ylabel("mean unweighted loss")
+        ax.plot(epochs, train, marker="o", ms=ms, label="train")
+        ax.plot(epochs, val, marker="s", ms=ms, ls="--", label="val")
+        ax.set_title(f"{t}: loss" if small else f"{t}: loss (lower is better)", **title)
+        if not small:
+            ax.set_ylabel("mean unweighted loss")
+            ax.legend(fontsize=8)
         _epoch_axis(ax, epochs)
-        ax.legend(fontsize=8)
     for ax, (t, k) in zip(axes[len(tasks) :], values, strict=True):
         val = [_nan(r["val"]["metrics"][t][k]) for r in records]
         data["val"][f"{t}.{k}"] = val
-        ax.plot(epochs, val, marker="o", ms=3, label="val")
+        # small multiples: other colours than the loss panels', as their shared legend says
+        colours = ({"color": "tab:green"}, {"color": "tab:red"}) if small else ({}, {})
+        ax.plot(epochs, val, marker="o", ms=ms, label="val", **colours[0])
         tested = [r for r in records if "test" in r]
         if tested:
             test = [_nan(r["test"]["metrics"][t][k]) for r in tested]
             data["test"][f"{t}.{k}"] = test
-            ax.plot(_epochs(tested), test, marker="s", ms=3, ls="--", label="test")
+            ax.plot(_epochs(tested), test, marker="s", ms=ms, ls="--", label="test", **colours[1])
         hib = higher_is_better.get(t, {}).get(k)
-        direction = "" if hib is None else " (higher is better)" if hib else " (lower is better)"
-        ax.set_title(f"{t}: {k}{direction}")
-        ax.set_ylabel(k)
+        if small:
+            ax.set_title(f"{t}: {k}{'' if hib is None else ' ↑' if hib else ' ↓'}", **title)
+        else:
+            direction = (
+                "" if hib is None else " (higher is better)" if hib else " (lower is better)"
+            )
+            ax.set_title(f"{t}: {k}{direction}")
+            ax.set_ylabel(k)
+            ax.legend(fontsize=8)
         _epoch_axis(ax, epochs)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+    if small:
+        for ax in axes:
+            ax.tick_params(labelsize=7)
+            ax.xaxis.label.set_fontsize(7)
+        handles = [*axes[0].get_lines()]
+        labels = ["train loss", "val loss"]
+        if values:
+            handles += axes[len(tasks)].get_lines()
+            labels += ["val metric", "test metric"][: len(axes[len(tasks)].get_lines())]
+        width, height = fig.get_size_inches()
+        fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8)
+        fig.suptitle(
+            f"{len(tasks)} tasks: loss per task, then each metric (↑ higher, ↓ lower is better)",
+            fontsize=9,
+            y=1 - 0.4 / height,
+        )
+        # fixed margins in inches: tight_layout takes seconds over a hundred panels
+        fig.subplots_adjust(
+            left=0.5 / width,
+            right=1 - 0.15 / width,
+            bottom=0.45 / height,
+            top=1 - 0.85 / height,
+            wspace=0.3,
+            hspace=0.65,
+        )
+    else:
+        fig.tight_layout()
     return Plot(fig, data)
+
+
+def _series_size(labels: Sequence[str]) -> tuple[float, float]:
+    """The size of a one-axes figure with a line per label: 5.5 x 3.4 inches, widened for a
+    legend outside the axes and heightened for its rows."""
+    rows = min(len(labels), LEGEND_ROWS) if len(labels) > LEGEND_INSIDE else 0
+    return 5.5 + _legend_inches(labels), max(3.4, 0.17 * rows + 0.9)
 
 
 def weights_figure(records: Sequence[Mapping[str, Any]]) -> Plot | None:
@@ -136,13 +248,13 @@ def weights_figure(records: Sequence[Mapping[str, Any]]) -> Plot | None:
         return None
     epochs = _epochs(records)
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    for t in tasks:
-        ax.plot(epochs, weights[t], marker="o", ms=3, label=t)
+    fig, ax = plt.subplots(figsize=_series_size(tasks))
+    for t, style in zip(tasks, _styles(len(tasks)), strict=True):
+        ax.plot(epochs, weights[t], marker="o", ms=_ms(epochs), label=t, **style)
     ax.set_title("task weight chosen by the balancing method")
     ax.set_ylabel("mean weight over the epoch's steps")
     _epoch_axis(ax, epochs)
-    ax.legend(fontsize=8)
+    _legend(ax, len(tasks))
     fig.tight_layout()
     return Plot(fig, {"epochs": epochs, "weight": weights})
 
@@ -156,15 +268,15 @@ def grad_norm_figure(records: Sequence[Mapping[str, Any]]) -> Plot | None:
     tasks = list(logged[0]["balancing"]["grad_norm"])
     norms = {t: [_nan(r["balancing"]["grad_norm"].get(t)) for r in logged] for t in tasks}
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    for t in tasks:
-        ax.plot(epochs, norms[t], marker="o", ms=3, label=t)
+    fig, ax = plt.subplots(figsize=_series_size(tasks))
+    for t, style in zip(tasks, _styles(len(tasks)), strict=True):
+        ax.plot(epochs, norms[t], marker="o", ms=_ms(epochs), label=t, **style)
     if all(v > 0 for vs in norms.values() for v in vs if math.isfinite(v)):
         ax.set_yscale("log")
     ax.set_title("per-task gradient norm (shared part)")
     ax.set_ylabel("mean ||g_k|| over the epoch's steps")
     _epoch_axis(ax, epochs)
-    ax.legend(fontsize=8)
+    _legend(ax, len(tasks))
     fig.tight_layout()
     return Plot(fig, {"epochs": epochs, "grad_norm": norms})
 
@@ -185,11 +297,22 @@ def cosine_figure(records: Sequence[Mapping[str, Any]]) -> Plot | None:
         for b in tasks[i + 1 :]
     }
     plt = _plt()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10.5, 3.9))
+    many = len(tasks) > COSINE_PAIR_TASKS
+    side = max(3.9, 0.22 * len(tasks) + 2.0)
+    fig, (left, right) = plt.subplots(
+        1, 2, figsize=(side + 6.0, side), gridspec_kw={"width_ratios": [side, 5.0]}
+    )
     image = left.imshow(matrix, cmap="RdBu", vmin=-1, vmax=1)
-    left.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
-    left.set_yticks(range(len(tasks)), tasks)
-    for i in range(len(tasks)):
+    ticks = 8 if len(tasks) <= 12 else 6
+    left.set_xticks(
+        range(len(tasks)),
+        tasks,
+        rotation=30 if not many else 90,
+        ha="right" if not many else "center",
+        fontsize=ticks,
+    )
+    left.set_yticks(range(len(tasks)), tasks, fontsize=ticks)
+    for i in range(len(tasks) if len(tasks) <= 10 else 0):
         for j in range(len(tasks)):
             value = matrix[i, j]
             dark = math.isfinite(value) and abs(value) > 0.6
@@ -204,14 +327,33 @@ def cosine_figure(records: Sequence[Mapping[str, Any]]) -> Plot | None:
             )
     left.set_title(f"gradient cosine, epoch {epochs[-1]}")
     fig.colorbar(image, ax=left, fraction=0.046, pad=0.04, label="cosine (< 0: conflict)")
-    for name, values in pairs.items():
-        right.plot(epochs, values, marker="o", ms=3, label=name)
+    if not many:
+        for name, values in pairs.items():
+            right.plot(epochs, values, marker="o", ms=_ms(epochs), label=name)
+        right.set_title("gradient cosine per pair of tasks")
+    else:  # hundreds of pairs: their spread per epoch, and the most conflicting pair
+        table = np.array(list(pairs.values()), dtype=np.float64)
+        low, q10, median, q90, high = np.nanpercentile(table, [0, 10, 50, 90, 100], axis=0)
+        right.fill_between(epochs, low, high, color="tab:blue", alpha=0.15, label="min to max")
+        right.fill_between(epochs, q10, q90, color="tab:blue", alpha=0.3, label="10 % to 90 %")
+        right.plot(epochs, median, marker="o", ms=_ms(epochs), color="tab:blue", label="median")
+        last = table[:, -1]
+        if np.isfinite(last).any():
+            worst = list(pairs)[int(np.nanargmin(last))]
+            right.plot(
+                epochs,
+                pairs[worst],
+                marker="s",
+                ms=_ms(epochs),
+                color="tab:red",
+                label=f"lowest at the end: {worst}",
+            )
+        right.set_title(f"gradient cosine over the {len(pairs)} pairs of tasks")
     right.axhline(0.0, color="grey", lw=0.8)
     right.set_ylim(-1.05, 1.05)
-    right.set_title("gradient cosine per pair of tasks")
     right.set_ylabel("mean cosine over the epoch's steps")
     _epoch_axis(right, epochs)
-    right.legend(fontsize=8)
+    _legend(right, 4 if many else len(pairs))
     fig.tight_layout()
     return Plot(fig, {"epochs": epochs, "tasks": tasks, "matrix": matrix, "pairs": pairs})
 
@@ -251,6 +393,10 @@ def cross_stitch_sorted_figure(alphas: Mapping[str, Array], tasks: Sequence[str]
     return Plot(fig, data)
 
 
+#: the most target tasks side by side in the cross-stitch evolution figure
+EVOLUTION_COLUMNS = 6
+
+
 def cross_stitch_evolution_figure(records: Sequence[Mapping[str, Any]]) -> Plot | None:
     """``alpha_S`` and ``alpha_D`` of every unit and target task per epoch (means over
     channels, as the architecture's diagnostics log them); ``None`` without them."""
@@ -266,24 +412,30 @@ def cross_stitch_evolution_figure(records: Sequence[Mapping[str, Any]]) -> Plot 
     first = logged[0]["architecture"]
     units = list(first["alpha_S"])
     tasks = list(first["alpha_S"][units[0]])
+    # at most EVOLUTION_COLUMNS tasks side by side; more wrap onto further pairs of rows
+    cols = min(len(tasks), EVOLUTION_COLUMNS)
+    bands = math.ceil(len(tasks) / cols)
     fig, axes = plt.subplots(
-        2, len(tasks), figsize=(3.6 * len(tasks) + 1.4, 5.6), squeeze=False, sharex=True
+        2 * bands, cols, figsize=(3.6 * cols + 1.4, 2.8 * 2 * bands), squeeze=False, sharex=True
     )
+    for extra in range(len(tasks), bands * cols):
+        for row in (0, 1):
+            axes[2 * (extra // cols) + row][extra % cols].axis("off")
     colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, len(units)))
     data: dict[str, Any] = {"epochs": epochs, "alpha_S": {}, "alpha_D": {}}
     for row, key in enumerate(("alpha_S", "alpha_D")):
-        for col, task in enumerate(tasks):
-            ax = axes[row][col]
+        for i, task in enumerate(tasks):
+            ax = axes[2 * (i // cols) + row][i % cols]
             for color, unit in zip(colors, units, strict=True):
                 values = [_nan(r["architecture"][key][unit][task]) for r in logged]
                 data[key].setdefault(unit, {})[task] = values
-                ax.plot(epochs, values, color=color, marker="o", ms=2, label=unit)
+                ax.plot(epochs, values, color=color, marker="o", ms=_ms(epochs) - 1, label=unit)
             what = "kept from its own column" if key == "alpha_S" else "taken from the others"
             ax.set_title(f"{task}: {key.replace('alpha', 'α')} ({what})", fontsize=9)
             ax.set_ylabel("mean over channels", fontsize=8)
             if row == 1:
                 _epoch_axis(ax, epochs)
-    axes[0][-1].legend(fontsize=7, title="unit", bbox_to_anchor=(1.02, 1), loc="upper left")
+    axes[0][cols - 1].legend(fontsize=7, title="unit", bbox_to_anchor=(1.02, 1), loc="upper left")
     fig.tight_layout()
     return Plot(fig, data)
 
@@ -303,7 +455,7 @@ def sluice_figure(
     labels = [f"{t}.{i}" for t in tasks for i in range(s)]
     cols = min(4, len(units) + 1)
     rows = (len(units) + 1 + cols - 1) // cols
-    side = max(3.0, 0.42 * n + 1.2)
+    side = min(max(3.0, 0.42 * n + 1.2), 9.0)
     fig, axes = plt.subplots(
         rows, cols, figsize=(side * cols, side * rows), squeeze=False, layout="constrained"
     )
@@ -335,16 +487,20 @@ def sluice_figure(
                         color="white" if abs(alpha[i, j]) > 0.6 * scale else "black",
                     )
         ax.set_title(f"α at {unit}", fontsize=9)
-        ax.set_xticks(range(n), labels, rotation=90, fontsize=6)
-        ax.set_yticks(range(n), labels, fontsize=6)
+        if n <= 32:
+            ax.set_xticks(range(n), labels, rotation=90, fontsize=6)
+            ax.set_yticks(range(n), labels, fontsize=6)
+        else:  # too many subspaces to name each: mark where each task's block starts
+            ax.set_xticks(range(0, n, s), list(tasks), rotation=90, fontsize=5)
+            ax.set_yticks(range(0, n, s), list(tasks), fontsize=5)
     if image is not None:
         fig.colorbar(image, ax=flat[: len(units)], shrink=0.5, label="α")
     ax = flat[len(units)]
     width = 0.8 / max(1, len(tasks))
-    for i, task in enumerate(tasks):
+    for i, (task, style) in enumerate(zip(tasks, _styles(len(tasks)), strict=True)):
         beta = np.asarray(betas[task], dtype=np.float64)
         data["beta"][task] = beta
-        ax.bar(np.arange(beta.size) + i * width, beta, width, label=task)
+        ax.bar(np.arange(beta.size) + i * width, beta, width, label=task, color=style["color"])
     ax.set_xticks(
         np.arange(len(beta_layers)) + width * (len(tasks) - 1) / 2,
         beta_layers,
@@ -353,7 +509,10 @@ def sluice_figure(
     )
     ax.set_title("β: what each head reads from each layer", fontsize=9)
     ax.set_ylabel("β")
-    ax.legend(fontsize=7)
+    if len(tasks) <= LEGEND_INSIDE:
+        ax.legend(fontsize=7)
+    else:  # at the figure's right edge, which the constrained layout keeps free for it
+        fig.legend(loc="outside right upper", fontsize=6, ncol=_legend_columns(len(tasks)))
     fig.suptitle(
         "sluice units: subspace mixing α (rows: receiving subspace, columns: source) and layer β",
         fontsize=10,
@@ -434,7 +593,8 @@ def gate_figure(panels: Mapping[str, tuple[Mapping[str, Array], Sequence[str]]])
 
     ``panels`` maps a title to ``({row name: per-sample weights (B, E)}, expert names)``.
     """
-    fig, axes = _grid(len(panels), 2, (5.2, 3.2))
+    most = max((len(gates) for gates, _ in panels.values()), default=1)
+    fig, axes = _grid(len(panels), 2, (5.2, max(3.2, 0.24 * most + 1.2)))
     data: dict[str, Any] = {"mean": {}}
     for ax, (title, (gates, experts)) in zip(axes, panels.items(), strict=True):
         rows = list(gates)
@@ -552,14 +712,46 @@ def _label_groups(
     return groups
 
 
+#: beyond this many tasks (more than 6 pairs) the trade-off figure is a heat map of each
+#: cell's change on each task instead of a scatter panel per pair of tasks
+MAX_TRADEOFF_TASKS = 4
+
+
+def _tradeoff_heatmap(
+    points: Mapping[str, Sequence[float]], tasks: Sequence[str], front: Sequence[str], baseline: str
+) -> Plot:
+    """The trade-off of many tasks: a cell per row, a task per column, the colour the change
+    against the baseline (percent, symmetric around 0); the Pareto front's cells starred."""
+    plt = _plt()
+    cells = list(points)
+    matrix = np.array([points[c] for c in cells], dtype=np.float64)
+    finite = np.abs(matrix[np.isfinite(matrix)])
+    scale = float(np.percentile(finite, 95)) if finite.size else 1.0
+    fig, ax = plt.subplots(
+        figsize=(min(0.32 * len(tasks) + 3.5, 18.0), 0.32 * len(cells) + 2.4), layout="constrained"
+    )
+    image = ax.imshow(matrix, cmap="RdYlGn", vmin=-(scale or 1.0), vmax=scale or 1.0, aspect="auto")
+    ax.set_xticks(range(len(tasks)), tasks, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(cells)), [f"★ {c}" if c in front else c for c in cells], fontsize=8)
+    fig.colorbar(image, ax=ax, shrink=0.8, label=f"change vs {baseline} (%)")
+    ax.set_title(
+        f"per-task change against {baseline} ({len(tasks)} tasks; ★: Pareto front over all tasks)",
+        fontsize=9,
+    )
+    return Plot(fig, {"tasks": list(tasks), "improvement": dict(points), "pareto": list(front)})
+
+
 def tradeoff_figure(improvement: Mapping[str, Mapping[str, float]], baseline: str) -> Plot:
     """Each task's relative change against the baseline (percent, higher is better), one
-    panel per pair of tasks; the cells on the Pareto front (over all tasks) are marked."""
+    panel per pair of tasks; the cells on the Pareto front (over all tasks) are marked.
+    Beyond :data:`MAX_TRADEOFF_TASKS` tasks, a heat map of cells by tasks instead."""
     cells = list(improvement)
     tasks = list(improvement[cells[0]])
     points = {c: [improvement[c][t] for t in tasks] for c in cells}
     finite = {c: p for c, p in points.items() if all(math.isfinite(v) for v in p)}
     front = pareto_front(finite)
+    if len(tasks) > MAX_TRADEOFF_TASKS:
+        return _tradeoff_heatmap(points, tasks, front, baseline)
     pairs = [(a, b) for i, a in enumerate(tasks) for b in tasks[i + 1 :]] or [(tasks[0], tasks[0])]
     fig, axes = _grid(len(pairs), 3, (6.4, 5.0) if len(pairs) == 1 else (4.8, 4.2))
     for ax, (a, b) in zip(axes, pairs, strict=True):

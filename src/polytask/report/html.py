@@ -38,11 +38,16 @@ class Section:
 
 
 def table_html(headers: Sequence[str], rows: Sequence[Sequence[object]], cls: str = "") -> str:
-    """A table; cells are escaped unless they are :class:`Raw`."""
+    """A table in a box that scrolls sideways when the table is wider than the page; cells
+    are escaped unless they are :class:`Raw`."""
     head = "".join(f"<th>{esc(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(_cell(c) for c in row) + "</tr>" for row in rows)
     attr = f' class="{esc(cls)}"' if cls else ""
-    return f"<table{attr}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    # a wide table (many tasks) scrolls sideways in its box instead of overflowing the page
+    return (
+        f'<div class="table-scroll"><table{attr}><thead><tr>{head}</tr></thead>'
+        f"<tbody>{body}</tbody></table></div>"
+    )
 
 
 _NUMBER = re.compile(r"^[+\-]?(\d|\.\d)")
@@ -101,7 +106,8 @@ nav a { margin-right: 1em; color: #28324a; }
 main { padding: 0 2em 2em 2em; max-width: 1400px; }
 section { margin-top: 1.5em; }
 h2 { border-bottom: 2px solid #28324a; padding-bottom: 0.2em; }
-table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.88em; background: #fff; }
+.table-scroll { overflow-x: auto; max-width: 100%; margin: 0.6em 0; }
+table { border-collapse: collapse; font-size: 0.88em; background: #fff; }
 th, td { border: 1px solid #ccd; padding: 0.25em 0.6em; text-align: right; }
 th { background: #eef0f6; }
 td:first-child, th:first-child, td.text { text-align: left; }

@@ -18,7 +18,7 @@ def save_plot(plot: Plot, path: str | Path, dpi: int = 110) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        plot.figure.savefig(path, dpi=dpi)
+        plot.figure.savefig(path, dpi=dpi, bbox_inches="tight")
     finally:
         plt.close(plot.figure)
     return path

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import statistics
+from collections.abc import Sequence
 from typing import Any
 
 import yaml
@@ -9,29 +12,102 @@ import yaml
 from ..training.rundir import RunDirectory
 from .figures import weights_figure
 from .plots import plot_run_curves, save_plot
-from .tables import format_value, markdown_table, results_columns
+from .tables import (
+    MAX_TABLE_WIDTH,
+    WIDE_TABLE_TASKS,
+    fitted_table,
+    format_value,
+    markdown_table,
+    results_columns,
+    table_width,
+)
 
-__all__ = ["class_rows", "class_table", "results_table", "run_title", "write_run_report"]
+__all__ = [
+    "class_rows",
+    "class_table",
+    "results_table",
+    "results_tables",
+    "run_title",
+    "write_run_report",
+]
+
+
+def _task_means(
+    results: dict[str, Any], splits: Sequence[str]
+) -> tuple[list[str], list[list[str]]]:
+    """The mean over tasks of every metric value that several tasks share (the summary of a
+    table whose per-task columns moved to the long table)."""
+    hib: dict[str, dict[str, bool]] = results["higher_is_better"]
+    shared: dict[tuple[str, bool], list[str]] = {}
+    for task, values in hib.items():
+        for value, higher in values.items():
+            shared.setdefault((value, higher), []).append(task)
+    groups = [(v, h, ts) for (v, h), ts in shared.items() if len(ts) > 1]
+    headers = [f"mean {v} over {len(ts)} tasks {'↑' if h else '↓'}" for v, h, ts in groups]
+    rows = []
+    for split in splits:
+        metrics = results[split]["metrics"]
+        row = []
+        for value, _, tasks in groups:
+            found = [metrics[t][value] for t in tasks if metrics[t].get(value) is not None]
+            finite = [float(x) for x in found if math.isfinite(float(x))]
+            row.append(format_value(statistics.fmean(finite)) if finite else "-")
+        rows.append(row)
+    return headers, rows
+
+
+def results_tables(results: dict[str, Any], splits: Sequence[str] = ("test", "val")) -> str:
+    """The run's metric values on ``splits``, plus Delta_m when there is one (on test).
+
+    With few tasks, or when it fits in :data:`~polytask.report.tables.MAX_TABLE_WIDTH`
+    characters, a table per split with a column per metric value, as always; otherwise (see
+    :func:`~polytask.report.tables.fitted_table`) one summary table (a row per split: the
+    mean over tasks of every metric value several tasks share, and Delta_m) and the
+    per-task values in long format (a row per task and metric value, a column per split).
+    """
+    hib = results["higher_is_better"]
+    columns = results_columns(hib)
+    dm = results.get("delta_m")
+    headers = ["split"] + [h for _, _, h in columns]
+    if isinstance(dm, dict):
+        arrow = "↑" if dm["higher_is_better"] else "↓"
+        headers.append(f"Δm {dm['convention']} {arrow}")
+    rows = []
+    for split in splits:
+        metrics = results[split]["metrics"]
+        row = [split] + [format_value(metrics[t][k]) for t, k, _ in columns]
+        if isinstance(dm, dict):
+            row.append(
+                format_value(dm["value"], decimals=2 if dm["convention"] == "metric_mean" else 4)
+                if split == "test"
+                else "-"
+            )
+        rows.append(row)
+    # the table of each split alone, as the report has always written it
+    separate = [
+        markdown_table(
+            headers if split == "test" or not isinstance(dm, dict) else headers[:-1],
+            [row if split == "test" or not isinstance(dm, dict) else row[:-1]],
+        )
+        for split, row in zip(splits, rows, strict=True)
+    ]
+    if all(table_width(t) <= MAX_TABLE_WIDTH for t in separate) or len(hib) <= WIDE_TABLE_TASKS:
+        return "\n\n".join(separate)
+    return fitted_table(
+        headers,
+        rows,
+        keys=1,
+        columns=[(t, k, hib[t][k]) for t, k, _ in columns],
+        summary=_task_means(results, splits),
+        wide_tasks=0,
+    )
 
 
 def results_table(results: dict[str, object], split: str = "test") -> str:
-    """One row of the run's metric values on ``split``, plus Delta_m when there is one."""
-    hib = results["higher_is_better"]
-    assert isinstance(hib, dict)
-    columns = results_columns(hib)
-    block = results[split]
-    assert isinstance(block, dict)
-    metrics = block["metrics"]
-    headers = ["split"] + [h for _, _, h in columns]
-    row = [split] + [format_value(metrics[t][k]) for t, k, _ in columns]
-    dm = results.get("delta_m")
-    if isinstance(dm, dict) and split == "test":
-        arrow = "↑" if dm["higher_is_better"] else "↓"
-        headers.append(f"Δm {dm['convention']} {arrow}")
-        row.append(
-            format_value(dm["value"], decimals=2 if dm["convention"] == "metric_mean" else 4)
-        )
-    return markdown_table(headers, [row])
+    """The run's metric values on ``split``, plus Delta_m when there is one (on test): one
+    row with a column per metric value, or with many tasks a summary and the per-task
+    values in long format (see :func:`results_tables`)."""
+    return results_tables(dict(results), (split,))
 
 
 #: what the per-class tables say about their rows (a sentence, without its full stop)
@@ -136,9 +212,7 @@ def write_run_report(run: RunDirectory, *, strict: bool = False) -> None:
             "",
             "## Results",
             "",
-            results_table(results, "test"),
-            "",
-            results_table(results, "val"),
+            results_tables(results),
             "",
         ]
         dm = results.get("delta_m")

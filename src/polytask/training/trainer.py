@@ -484,18 +484,14 @@ class Trainer:
         self.save_checkpoint()
 
     def _log_epoch(self, record: Mapping[str, Any]) -> None:
+        from ..report.tables import epoch_log_lines
+
         epoch = record["epoch"]
-        parts = [f"epoch {epoch + 1}/{self.cfg.train.epochs}"]
-        parts.append(
-            "train " + " ".join(f"{t}={v:.4f}" for t, v in record["train"]["loss"].items())
-        )
+        # few tasks: every value on one line; many: a summary of bounded width (all values
+        # are in metrics.jsonl)
+        for line in epoch_log_lines(record, self.cfg.train.epochs):
+            self.log.info(line)
         val = record["val"]["metrics"]
-        parts.append(
-            "val "
-            + " ".join(f"{t}.{k}={v:.4g}" for t, vals in val.items() for k, v in vals.items())
-        )
-        parts.append(f"score={record['score']:.4g}")
-        self.log.info(" | ".join(parts))
         if self.cfg.train.tensorboard:
             writer = self._tensorboard()
             for t, v in record["train"]["loss"].items():
