@@ -371,12 +371,26 @@ class GramianWeighting(GradientBalancer):
     matrix-vector product.
     """
 
+    #: the relative precision of the rows behind the Gramian that :meth:`weights_from_gramian`
+    #: receives: the machine epsilon of the Jacobian's dtype (float32's as well when
+    #: :attr:`gramian_precision` is ``"float32"``), set by :meth:`aggregate`; float64's for a
+    #: Gramian given directly. Methods size their rank and boundedness thresholds by it: a
+    #: float64 Gramian of float32 rows knows them to float32 precision only.
+    input_eps: float = float(torch.finfo(torch.float64).eps)
+
     @abstractmethod
     def weights_from_gramian(self, gramian: Tensor) -> Tensor:
         """The K weights for the Gramian ``G = J J^T`` (float64 on the Jacobian's device)."""
 
     def aggregate(self, jacobian: Tensor, tasks: Sequence[str]) -> tuple[Tensor, Tensor]:
-        weights = self.weights_from_gramian(self.gramian(jacobian)).to(jacobian.dtype)
+        eps = float(torch.finfo(jacobian.dtype).eps)
+        if self.gramian_precision == "float32":
+            eps = max(eps, float(torch.finfo(torch.float32).eps))
+        self.input_eps = eps
+        try:
+            weights = self.weights_from_gramian(self.gramian(jacobian)).to(jacobian.dtype)
+        finally:
+            self.input_eps = GramianWeighting.input_eps
         return weights @ jacobian, weights
 
     def get_extra_state(self) -> dict[str, Any]:

@@ -315,17 +315,57 @@ def test_aligned_mtl_drops_directions_below_the_rank_cut_off() -> None:
     assert bool(torch.isfinite(d).all())
 
 
-def test_aligned_mtl_rank_cut_off_is_the_official_codes() -> None:
-    """Eigenvalues of G below K eps_float32 lambda_max count as zero (the official code),
-    i.e. singular values below sqrt(K eps_float32) sigma_max: a task whose own direction is
-    that weak is aligned within the others' span."""
+def test_aligned_mtl_rank_cut_off_is_the_official_codes_for_float32_gradients() -> None:
+    """For float32 gradients, eigenvalues of G below K eps_float32 lambda_max count as zero
+    (the official code, which trains in float32), i.e. singular values below
+    sqrt(K eps_float32) sigma_max: a task whose own direction is that weak is aligned within
+    the others' span. The option ``rank_eps`` sets the same cut-off for any dtype."""
+    eps32 = float(torch.finfo(torch.float32).eps)
     for k in (2, 3, 5):
         j = family("small_task", k)  # its independent component: ~1e-5 of the largest row
-        d = weights_of("aligned_mtl", j) @ j
-        cutoff = (k * torch.finfo(torch.float32).eps) ** 0.5
+        cutoff = (k * eps32) ** 0.5
         scale = float(j.norm(dim=1).max())
-        torch.testing.assert_close(d / scale, aligned_by_svd(j, cutoff) / scale, rtol=0, atol=1e-10)
+        expected = aligned_by_svd(j, cutoff)
+        method = BALANCERS.get("aligned_mtl")(tasks=[f"t{i}" for i in range(k)], rank_eps=eps32)
+        d = method.weights_from_gramian(j @ j.T) @ j
+        torch.testing.assert_close(d / scale, expected / scale, rtol=0, atol=1e-10)
         assert float((d - aligned_by_svd(j)).norm()) > 1e-3 * scale
+        # float32 gradients through the engine: the float32 cut-off, without the option
+        j32 = j.float()
+        d32, _ = weigher("aligned_mtl", k).aggregate(j32, [f"t{i}" for i in range(k)])
+        expected32 = aligned_by_svd(j32.double(), cutoff)
+        torch.testing.assert_close(d32.double() / scale, expected32 / scale, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("ratio", [1e-11, 1e-10, 1e-9])
+def test_aligned_mtl_keeps_real_float64_directions(ratio: float) -> None:
+    """Near-collinear float64 gradients whose Gramian's eigenvalue ratio is 1e-11 .. 1e-9:
+    far above float64's rounding, so every direction is real and the update is the paper's
+    formula with nothing cut (a float32 cut-off kept one direction of K and returned an
+    update 1e4-1e5 times too long)."""
+    g = torch.Generator().manual_seed(7)
+    k, dim = 4, 14
+    base = torch.randn(1, dim, generator=g, dtype=torch.float64)
+    j = base.repeat(k, 1) + ratio**0.5 * torch.randn(k, dim, generator=g, dtype=torch.float64)
+    eigenvalues = torch.linalg.eigvalsh(j @ j.T)
+    assert float(eigenvalues.min() / eigenvalues.max()) > 1e-13  # no float64 rounding here
+    d, _ = weigher("aligned_mtl", k).aggregate(j, [f"t{i}" for i in range(k)])
+    expected = aligned_by_svd(j, cutoff=0.0)
+    scale = float(expected.norm())
+    # weights from a Gramian of condition number 1 / ratio: float64 rounding times that
+    bound = 100 * float(torch.finfo(torch.float64).eps) / ratio
+    torch.testing.assert_close(d / scale, expected / scale, rtol=0, atol=bound)
+    # what the float32 cut-off computed instead: one direction kept, far from the formula
+    cut = aligned_by_svd(j, (k * float(torch.finfo(torch.float32).eps)) ** 0.5)
+    assert float((cut - expected).norm()) > 0.5 * scale
+
+
+def test_aligned_mtl_rank_eps_option_is_checked() -> None:
+    from polytask.errors import ConfigError
+
+    for bad in (-1.0, 1.0, True, "small", float("nan")):
+        with pytest.raises(ConfigError, match="rank_eps"):
+            BALANCERS.get("aligned_mtl")(tasks=["a", "b"], rank_eps=bad)
 
 
 def test_upgrad_weights_are_the_mean_of_exact_projections() -> None:
@@ -378,9 +418,14 @@ def test_finite_and_invariant_to_the_order_of_tasks(name: str, k: int, kind: str
     perm = torch.randperm(k, generator=torch.Generator().manual_seed(k))
     w_perm, d_perm = _combined(name, j[perm])
     scale = float(j.norm(dim=1).max()) or 1.0
-    # the combined gradient is unique; the weights are too for these families
+    # the combined gradient is unique; the weights are too for these families, to float64
+    # rounding times the Gramian's condition number (Aligned-MTL keeps the small task's
+    # 1e-10 eigenvalue ratio of float64 gradients)
     torch.testing.assert_close(d_perm / scale, d / scale, rtol=0, atol=1e-9)
-    torch.testing.assert_close(w_perm, w[perm], rtol=1e-6, atol=1e-12)
+    eigenvalues = torch.linalg.eigvalsh(j @ j.T)
+    condition = float(eigenvalues.max() / eigenvalues.min()) if eigenvalues.min() > 0 else 1.0
+    rtol = max(1e-6, 100 * float(torch.finfo(torch.float64).eps) * condition)
+    torch.testing.assert_close(w_perm, w[perm], rtol=rtol, atol=1e-12)
 
 
 @pytest.mark.parametrize("factor", [1e-6, 1e6])

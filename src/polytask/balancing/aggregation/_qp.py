@@ -395,8 +395,12 @@ def min_norm_weights(gramian: Tensor) -> Tensor:
     return torch.from_numpy(w / w.sum()).to(gramian.device)
 
 
-def dual_cone_weights(gramian: Tensor) -> Tensor:
+def dual_cone_weights(gramian: Tensor, eps: float = _EPS) -> Tensor:
     """Row ``i``: the ``u`` with ``J^T u`` the projection of ``g_i`` onto ``{v : J v >= 0}``.
+
+    ``eps`` is the relative precision of the rows behind ``gramian`` (float64's by default;
+    float32's for float32 gradients): where the optimal ``u`` is not unique, the bounded,
+    minimum-norm one is returned, at that precision (see :func:`_dual_cone_problems`).
 
     Solves ``min_u u^T G u`` subject to ``u >= e_i`` for every task ``i``; returns the K x K
     matrix of solutions, one per row (float64 on ``gramian``'s device).
@@ -412,7 +416,7 @@ def dual_cone_weights(gramian: Tensor) -> Tensor:
     norms, nonzero, c = _correlation(gramian)
     k = norms.shape[0]
     if bool(nonzero.all()):
-        u = np.eye(k) + _dual_cone_problems(c)
+        u = np.eye(k) + _dual_cone_problems(c, eps)
         out = norms[:, None] * u / norms[None, :]
     else:
         out = np.zeros((k, k))
@@ -420,13 +424,41 @@ def dual_cone_weights(gramian: Tensor) -> Tensor:
         zero = np.flatnonzero(~nonzero)
         out[zero, zero] = 1.0
         if idx.size > 0:
-            u = np.eye(idx.size) + _dual_cone_problems(c)
+            u = np.eye(idx.size) + _dual_cone_problems(c, eps)
             n = norms[idx]
             out[np.ix_(idx, idx)] = n[:, None] * u / n[None, :]
     return torch.from_numpy(out).to(gramian.device)
 
 
-def _dual_cone_problems(c: _Float) -> _Float:
-    """Row ``i``: ``argmin_{x >= 0} (e_i + x)^T C (e_i + x)``, i.e. ``||R x + R e_i||^2``."""
+def _dual_cone_problems(c: _Float, eps: float = _EPS) -> _Float:
+    """Row ``i``: the minimum-norm ``argmin_{x >= 0} (e_i + x)^T C (e_i + x)``, i.e. of
+    ``||R x + R e_i||^2``, for rows known to relative precision ``eps``.
+
+    The minimiser is unique exactly when no non-negative combination of the rows of ``C``
+    involved is zero. When one is (a *weakly stationary* Jacobian: ``J^T v = 0`` for some
+    ``v >= 0``, ``v != 0``), every ``x + t v`` is optimal too, the optimal set is unbounded,
+    and an active-set solver may return coefficients of 1e11 or more whose combination
+    ``J^T u`` is lost to cancellation. Such rows are solved again, regularised:
+    ``argmin_{x >= 0} ||R (e_i + x)||^2 + delta^2 ||x||^2`` with ``delta^2 = K eps``, whose
+    solution is unique, never longer than the minimum-norm optimum (hence bounded) and tends
+    to it as ``delta -> 0``; its objective exceeds the optimum by at most
+    ``delta^2 ||x_min||^2``, and its KKT conditions give ``C (e_i + x) >= -delta^2 x``: the
+    projection conflicts with no task beyond rounding. A row is solved again when a
+    coefficient exceeds ``1 / sqrt(eps)`` (on the correlation scale, where every diagonal
+    entry is 1, a coefficient that large means more than half of the digits of ``J^T u``
+    would cancel). With float32 rows (``eps`` float32's) the same holds for an optimal set
+    that is unbounded only up to the rows' own rounding: the Gramian does not know them
+    better than that.
+    """
     r = _factor(c)
-    return _nnqp_factored(c, c, r, -r.T)
+    x = _nnqp_factored(c, c, r, -r.T)
+    bound = 1.0 / np.sqrt(eps)
+    redo = np.flatnonzero(~np.isfinite(x).all(axis=1) | (np.abs(x).max(axis=1) > bound))
+    if redo.size:
+        k = c.shape[0]
+        delta2 = k * eps
+        q = c + delta2 * np.eye(k)
+        a = np.vstack([r, np.sqrt(delta2) * np.eye(k)])
+        b = np.hstack([-r.T, np.zeros((k, k))])
+        x[redo] = _nnqp_factored(q, c[redo], a, b[redo])
+    return x

@@ -18,10 +18,6 @@ __all__ = ["AlignedMTL"]
 Reduction = Literal["sum", "mean"]
 ScaleMode = Literal["min", "median", "rmse"]
 
-#: relative eigenvalue cut-off of the official code (``torch.finfo().eps``: float32's, the
-#: precision of the gradients themselves), times K
-_RANK_EPS = float(torch.finfo(torch.float32).eps)
-
 
 @BALANCERS.register("aligned_mtl")
 class AlignedMTL(GramianWeighting):
@@ -46,11 +42,13 @@ class AlignedMTL(GramianWeighting):
     as TorchJD) and the root mean square (``"rmse"``: the square root of their mean).
 
     Rank deficiency (collinear or zero gradients) follows the official code: eigenvalues of
-    ``G`` at or below ``K * eps * lambda_max`` with ``eps`` float32's machine epsilon (the
-    gradients are float32) are treated as zero, and ``V``, ``S`` keep only the other
-    directions, so ``sigma`` is the smallest *retained* singular value and the aligned
-    gradients span the retained subspace. TorchJD uses the epsilon of the Gramian's dtype
-    instead (the same for a float32 Jacobian). If every eigenvalue is cut (all gradients
+    ``G`` at or below ``K * eps * lambda_max`` are treated as zero, and ``V``, ``S`` keep only
+    the other directions, so ``sigma`` is the smallest *retained* singular value and the
+    aligned gradients span the retained subspace. ``eps`` is the machine epsilon of the
+    gradients' dtype (:attr:`~polytask.balancing.gradient.GramianWeighting.input_eps`:
+    float32's for float32 gradients, as in the official code, which trains in float32;
+    float64's for float64 gradients, whose eigenvalue ratios of 1e-11 are real directions,
+    not rounding), or the option ``rank_eps``. If every eigenvalue is cut (all gradients
     zero) the weights are ``p``, as in TorchJD (the official code fails there); the update is
     then 0 anyway.
 
@@ -59,6 +57,8 @@ class AlignedMTL(GramianWeighting):
         level: ``"parameter"`` or ``"feature"``.
         reduction: ``"sum"`` (default) or ``"mean"``, see above.
         scale_mode: ``"min"`` (default), ``"median"`` or ``"rmse"``, see above.
+        rank_eps: the relative eigenvalue cut-off per task (times K times the largest
+            eigenvalue); ``None`` (default): the machine epsilon of the gradients' dtype.
     """
 
     def __init__(
@@ -67,8 +67,19 @@ class AlignedMTL(GramianWeighting):
         level: Level = "parameter",
         reduction: Reduction = "sum",
         scale_mode: ScaleMode = "min",
+        rank_eps: float | None = None,
     ) -> None:
         super().__init__(tasks, level)
+        if rank_eps is not None and (
+            isinstance(rank_eps, bool)
+            or not isinstance(rank_eps, int | float)
+            or not 0.0 <= float(rank_eps) < 1.0
+        ):
+            raise ConfigError(
+                f"balancer.options.rank_eps: expected a number in [0, 1) or null, found "
+                f"{rank_eps!r}."
+            )
+        self.rank_eps = None if rank_eps is None else float(rank_eps)
         if reduction not in get_args(Reduction):
             raise ConfigError(
                 f"balancer.options.reduction: expected sum or mean, found {reduction!r}."
@@ -86,7 +97,8 @@ class AlignedMTL(GramianWeighting):
         pref = torch.full((k,), 1.0 if self.reduction == "sum" else 1.0 / k, dtype=g.dtype)
         with single_thread():
             eigenvalues, vectors = torch.linalg.eigh((g + g.T) / 2)
-        keep = eigenvalues > k * _RANK_EPS * eigenvalues.max()
+        eps = self.input_eps if self.rank_eps is None else self.rank_eps
+        keep = eigenvalues > k * eps * eigenvalues.max()
         if not bool(keep.any()):
             return pref.to(gramian.device)
         lam, v = eigenvalues[keep], vectors[:, keep]

@@ -40,6 +40,12 @@ class UPGrad(GramianWeighting):
     :mod:`._qp`), on the correlation form of the Gramian, so the weights are invariant to
     the scale of every task's gradient and the combined gradient is equivariant to it.
 
+    Weakly stationary Jacobians (a non-negative combination of the task gradients is zero,
+    e.g. 20 tasks of rank below 20) make the optimal ``u^(i)`` non-unique and unbounded;
+    the minimum-norm one is taken, at the precision of the gradients' dtype (see
+    :func:`._qp.dual_cone_weights`), so the weights stay bounded and ``d = w @ J``
+    conflicts with no task beyond rounding.
+
     Args:
         tasks: task names.
         level: ``"parameter"`` or ``"feature"``.
@@ -49,4 +55,4 @@ class UPGrad(GramianWeighting):
         super().__init__(tasks, level)
 
     def weights_from_gramian(self, gramian: Tensor) -> Tensor:
-        return dual_cone_weights(gramian).mean(dim=0)
+        return dual_cone_weights(gramian, self.input_eps).mean(dim=0)
