@@ -90,4 +90,7 @@ def evaluate_run(
         device=c.device,
         precision=config.train.precision,
         num_workers=config.data.num_workers,
+        split_name=split,
+        input_shape=tuple(c.bundle.input_shape),
+        integer_inputs=any(getattr(m, "integer_inputs", False) for m in c.model.modules()),
     )

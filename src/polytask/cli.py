@@ -179,6 +179,27 @@ COMMANDS = {
 }
 
 
+STOPPABLE = ("train", "resume", "compare")
+"""Commands that SIGINT, SIGTERM and SIGHUP stop at a safe point (see training.stopping)."""
+
+
+def _stopped_line(args: argparse.Namespace, exc: Any) -> str:
+    """The one line of a run stopped by a signal: which signal, and how to go on."""
+    how = "stopped at once (a second signal)" if exc.immediate else "stopped"
+    head = f"polytask: {how} by {exc.signal_name}"
+    path = exc.run_path
+    if args.command == "compare":
+        cell = f": {path} resumes from {exc.detail}" if path is not None else ""
+        return f"{head}; `polytask compare {args.grid}` goes on with the grid{cell}."
+    if path is None:
+        path = getattr(args, "run_dir", None)
+        if path is None:
+            return f"{head} before training began; nothing to resume."
+    if not exc.resumable:
+        return f"{head}; {path} has no checkpoint: start it again with `polytask train`."
+    return f"{head}; `polytask resume {path}` goes on from {exc.detail}."
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``polytask`` console script; returns the exit code."""
     parser = _parser()
@@ -189,11 +210,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if args.command in STOPPABLE:
+            from .training.stopping import stop_on_signals
+
+            with stop_on_signals():
+                return COMMANDS[args.command](args)
         return COMMANDS[args.command](args)
     except PolytaskError as exc:
         print(f"polytask: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        from .training.stopping import RunStopped
+
+        if isinstance(exc, RunStopped):
+            print(_stopped_line(args, exc), file=sys.stderr)
+            return exc.exit_code
         hints = {
             "compare": f"run `polytask compare {getattr(args, 'grid', 'GRID')}` again to go on",
             "train": "`polytask resume RUN_DIR` (the directory logged at the start) goes on "

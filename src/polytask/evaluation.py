@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .data.base import Split
+from .data.checks import check_step
 from .data.loading import JOINT, epoch_schedule, iterate_batches, to_device
 from .data.tensor import TensorMTLDataset
 from .metrics.base import Metric
@@ -101,10 +102,16 @@ def evaluate(
     precision: str = "fp32",
     num_workers: int = 0,
     progress: ProgressFactory | None = None,
+    split_name: str = "evaluated",
+    input_shape: tuple[int, ...] | None = None,
+    integer_inputs: bool = False,
 ) -> EvalResult:
     """Evaluate ``model`` on a whole split; metrics are exact over the split.
 
     ``progress(total, desc)``, when given, shows the progress over the split's batches.
+    Every batch is checked first (:func:`polytask.data.checks.check_batch`; ``split_name``,
+    ``input_shape`` and ``integer_inputs`` are for the check): bad data is a
+    :class:`~polytask.errors.DataError`, never a NaN score.
     """
     was_training = model.training
     model.eval()
@@ -120,7 +127,17 @@ def evaluate(
     loss_count = {name: 0.0 for name in tasks}
     bar = progress(len(steps), "evaluation") if progress is not None else None
     try:
-        for batches in iterate_batches(datasets, steps, num_workers=num_workers):
+        batches_iter = iterate_batches(datasets, steps, num_workers=num_workers)
+        for i, (step, batches) in enumerate(zip(steps, batches_iter, strict=True)):
+            check_step(
+                batches,
+                step,
+                tasks,
+                split=split_name,
+                where=f"evaluation batch {i + 1}",
+                input_shape=input_shape,
+                integer_inputs=integer_inputs,
+            )
             batches = to_device(batches, device)
             with autocast(device, precision):
                 outputs = list(forward_step(model, tasks, batches))

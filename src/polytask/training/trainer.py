@@ -21,8 +21,9 @@ from torch import Tensor
 from ..balancing.base import BackwardContext
 from ..balancing.gradient import GradientBalancer
 from ..config import Config
+from ..data.checks import check_step
 from ..data.loading import epoch_schedule, iterate_batches, to_device
-from ..errors import CheckpointError, ConfigError, TrainingDiverged
+from ..errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 from ..evaluation import (
     EvalResult,
     autocast,
@@ -38,6 +39,7 @@ from .build import Components, check_selection, resolve_shared
 from .checkpoint import FORMAT, check_model_signature, load_checkpoint, model_signature, save_atomic
 from .rundir import RunDirectory
 from .seeding import capture_rng_state, restore_rng_state, seed_everything, set_deterministic
+from .stopping import RunStopped, set_current_run, stop_requested
 
 __all__ = ["INSPECTION_SAMPLES", "StepEnd", "Trainer"]
 
@@ -102,6 +104,11 @@ class Trainer:
         self._tb: Any = None
         self._shared, self._others = resolve_shared(components.model, self.cfg.balancer.shared)
         self._reset_accumulators()
+        # what every batch is checked against (see polytask.data.checks)
+        self._input_shape = tuple(components.bundle.input_shape)
+        self._integer_inputs = any(
+            getattr(m, "integer_inputs", False) for m in components.model.modules()
+        )
 
     # -- set-up --------------------------------------------------------------------------
     def _reset_accumulators(self) -> None:
@@ -204,15 +211,67 @@ class Trainer:
                     f"device {self.c.device}, precision {cfg.train.precision}"
                 )
                 self._log_cost()
-            while self.state.epoch < cfg.train.epochs:
-                self._train_epoch()
-            results = self.finish()
+            set_current_run(self.run.path, self.run.last_checkpoint)
+            try:
+                self._stop_if_requested()
+                while self.state.epoch < cfg.train.epochs:
+                    self._train_epoch()
+                    self._stop_if_requested(saved=True)
+                results = self.finish()
+            except DataError as exc:
+                raise DataError(f"{exc} {self._left_behind()}") from None
         finally:
+            set_current_run(None)
             set_deterministic(was_deterministic)
             if self._tb is not None:
                 self._tb.close()
             self.run.close_logger()
         return results
+
+    def _left_behind(self) -> str:
+        """What a run stopped by bad data leaves behind, in words."""
+        if not self.run.last_checkpoint.exists():
+            return (
+                f"The run stopped before its first checkpoint: {self.run.path} cannot be "
+                "resumed; fix the data and start it again with `polytask train`."
+            )
+        return (
+            f"The run stopped; {self.run.path} keeps its last checkpoint: fix the data and "
+            f"`polytask resume {self.run.path}` goes on from there."
+        )
+
+    def _stop_if_requested(self, *, saved: bool = False, steps: int | None = None) -> None:
+        """At a safe point (between steps, between epochs): if a signal asked to stop (see
+        :mod:`.stopping`), write a checkpoint where one is needed and raise
+        :class:`~.stopping.RunStopped`.
+
+        A checkpoint is written at the stop when ``train.checkpoint_every_steps`` is set, or
+        when the run has none yet; otherwise the last checkpoint (the end of the last epoch)
+        stands and the steps of the epoch in progress are trained again on resume. Either way
+        the resumed run equals an uninterrupted one bit for bit: a checkpoint holds the
+        position in the epoch, its running sums and every random state.
+        """
+        signum = stop_requested()
+        if signum is None:
+            return
+        s, every = self.state, self.cfg.train.checkpoint_every_steps
+        name = RunStopped(signum).signal_name
+        at = f"epoch {s.epoch + 1}, step {s.step_in_epoch}" + (
+            f" of {steps}" if steps is not None else ""
+        )
+        if not saved and (every or not self.run.last_checkpoint.exists()):
+            self.save_checkpoint()
+            saved = True
+        if saved:
+            detail = f"a checkpoint at {at}"
+        else:
+            detail = (
+                f"its checkpoint at the end of epoch {s.epoch} (the {s.step_in_epoch} steps "
+                f"of epoch {s.epoch + 1} are trained again; set train.checkpoint_every_steps "
+                "to keep them)"
+            )
+        self.log.warning(f"stopped by {name} at {at}; resume goes on from {detail}")
+        raise RunStopped(signum, run_path=self.run.path, detail=detail)
 
     def _log_cost(self) -> None:
         """State what a step of a gradient method costs, before it is paid: a warning at the
@@ -260,7 +319,16 @@ class Trainer:
             pin_memory=c.device.type == "cuda",
         )
         every = cfg.train.checkpoint_every_steps
-        for batches in batches_iter:
+        for step, batches in zip(steps[start:], batches_iter, strict=True):
+            check_step(
+                batches,
+                step,
+                c.tasks,
+                split="train",
+                where=f"epoch {epoch + 1}, step {s.step_in_epoch + 1}",
+                input_shape=self._input_shape,
+                integer_inputs=self._integer_inputs,
+            )
             self._train_step(batches)
             s.step_in_epoch += 1
             s.global_step += 1
@@ -269,6 +337,12 @@ class Trainer:
                 s.train_time_s += time.perf_counter() - started
                 started = time.perf_counter()
                 self.save_checkpoint()
+            if s.step_in_epoch < len(steps) and stop_requested() is not None:
+                s.train_time_s += time.perf_counter() - started
+                started = time.perf_counter()
+                self._stop_if_requested(
+                    saved=bool(every and s.global_step % every == 0), steps=len(steps)
+                )
         bar.close()
         s.train_time_s += time.perf_counter() - started
         self._end_epoch(epoch)
@@ -400,6 +474,9 @@ class Trainer:
             precision=cfg.train.precision,
             num_workers=cfg.data.num_workers,
             progress=lambda total, desc: self._progress(total, f"{split} {desc}"),
+            split_name=split,
+            input_shape=self._input_shape,
+            integer_inputs=self._integer_inputs,
         )
 
     def _score(self, result: EvalResult) -> tuple[float, bool]:
@@ -476,6 +553,17 @@ class Trainer:
                 },
                 self.run.best_checkpoint,
             )
+        if not math.isfinite(score) and sel.protocol == "best":
+            self.log.warning(
+                f"epoch {epoch + 1}: the selection score ({sel.metric}) on the val split is "
+                f"{score}; this epoch cannot be chosen"
+                + (
+                    f" (the best is still epoch {s.best_epoch + 1})"
+                    if s.best_epoch is not None
+                    else " (no epoch has a finite score yet: without one, the results are "
+                    "those of the last epoch)"
+                )
+            )
         s.history.append({"epoch": epoch, "score": score})
         self.run.append_metrics(record)
         self._log_epoch(record)
@@ -529,7 +617,17 @@ class Trainer:
             val = _mean_results([r["val"] for r in last])
             test = _mean_results([r["test"] for r in last])
         else:
-            if sel.protocol == "best":
+            if sel.protocol == "best" and not self.run.best_checkpoint.exists() and records:
+                # every validation score was NaN or infinite: no epoch could be chosen
+                scores = [r.get("score") for r in records]
+                note = (
+                    f"no epoch had a finite selection score ({sel.metric} on val: {scores}); "
+                    f"the results are those of the last epoch, {cfg.train.epochs}"
+                )
+                self.log.warning(note)
+                selection["epoch"] = cfg.train.epochs - 1
+                selection["note"] = note
+            elif sel.protocol == "best":
                 best = load_checkpoint(self.run.best_checkpoint)
                 c.model.load_state_dict(best["model"])
                 selection["epoch"] = int(best["epoch"])
