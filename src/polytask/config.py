@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
-import yaml
-
 from .errors import ConfigError, did_you_mean
+from .yamlio import MAX_DEPTH, load_text, read_mapping, short
 
 __all__ = [
     "BalancerConfig",
@@ -314,55 +313,105 @@ def to_dict(config: Any) -> dict[str, Any]:
     return result
 
 
+#: the longest dotted key an override may have
+MAX_KEY_LENGTH = 200
+
+
+def _check_key(dotted: Any, where: str) -> list[str]:
+    """The parts of a dotted override key, or a :class:`ConfigError` saying what is wrong."""
+    if not isinstance(dotted, str):
+        raise ConfigError(
+            f"{where}: the key {short(dotted)} is not a dotted name; write it as a string, "
+            "e.g. optim.lr."
+        )
+    if len(dotted) > MAX_KEY_LENGTH:
+        raise ConfigError(f"{where}: the key is longer than {MAX_KEY_LENGTH} characters.")
+    parts = dotted.split(".")
+    if not all(parts):
+        raise ConfigError(
+            f"{where}: the key {short(dotted)} has an empty part (a leading, trailing or "
+            "doubled dot); keys are dotted names, e.g. optim.lr."
+        )
+    if len(parts) > MAX_DEPTH:
+        raise ConfigError(f"{where}: the key nests deeper than {MAX_DEPTH} levels.")
+    if not all(p.isprintable() and not any(c.isspace() for c in p) for p in parts):
+        raise ConfigError(
+            f"{where}: the key {short(dotted)} contains a space or a character that is not "
+            "printable text; keys are dotted names, e.g. optim.lr."
+        )
+    return parts
+
+
+def _quote_hint(key: str, raw: str) -> str:
+    if len(raw) <= 80 and raw.isprintable():
+        quoted = raw.replace("'", "''")
+        return (
+            f" To pass it as a string, quote it for YAML inside the shell's quotes: "
+            f"\"{key}='{quoted}'\"."
+        )
+    return " To pass it as a string, quote it for YAML inside the shell's quotes: \"KEY='...'\"."
+
+
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
-    """``["a.b=1", "c=x"]`` -> ``{"a.b": 1, "c": "x"}`` with values parsed as YAML scalars."""
+    """``["a.b=1", "c=x"]`` -> ``{"a.b": 1, "c": "x"}`` with values parsed as YAML (under the
+    limits of :mod:`polytask.yamlio`); every malformed override is a :class:`ConfigError`."""
+    if isinstance(overrides, str | bytes):
+        raise ConfigError(
+            f"overrides {short(overrides)}: expected a list of KEY=VALUE strings, not one string."
+        )
     parsed: dict[str, Any] = {}
     for item in overrides:
+        if not isinstance(item, str):
+            raise ConfigError(f"override {short(item)}: expected a KEY=VALUE string.")
+        where = f"override {short(item)}"
         key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. optim.lr=0.001.")
-        try:
-            parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: the value is not valid YAML ({exc}).") from None
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"{where}: expected KEY=VALUE, e.g. optim.lr=0.001.")
+        _check_key(key, where)
+        if not raw.strip():
+            parsed[key] = None
+            continue
+        parsed[key] = load_text(raw, f"{where}: its value", syntax_hint=_quote_hint(key, raw))
     return parsed
 
 
-def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+def apply_overrides(data: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """Set dotted keys in a nested mapping (a copy is returned; validation happens later)."""
     import copy
 
-    result = copy.deepcopy(data)
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"expected a mapping of settings, found {short(data)}.")
+    if not isinstance(overrides, Mapping):
+        raise ConfigError(
+            f"overrides: expected a mapping of dotted keys, found {short(overrides)}."
+        )
+    try:
+        result = copy.deepcopy(dict(data))
+    except RecursionError:
+        raise ConfigError(f"the settings nest deeper than {MAX_DEPTH} levels.") from None
     for dotted, value in overrides.items():
+        parts = _check_key(dotted, f"override {short(dotted)}")
         node = result
-        parts = dotted.split(".")
-        for part in parts[:-1]:
+        for i, part in enumerate(parts[:-1]):
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise ConfigError(f"override {dotted}: {part!r} is not a mapping.")
+                prefix = ".".join(parts[: i + 1])
+                raise ConfigError(
+                    f"override {short(dotted)}: {prefix!r} is not a mapping (it holds "
+                    f"{short(child, 60)}), so it has no key {parts[i + 1]!r}."
+                )
             node = child
         node[parts[-1]] = value
     return result
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, with errors naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path} (give the path to a YAML recipe).")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"{path}: expected a mapping at the top level, found {type(data).__name__}."
-        )
-    return data
+    """Read a YAML mapping, with errors naming the file (see :mod:`polytask.yamlio` for the
+    rules and limits)."""
+    return read_mapping(path)
 
 
 def load_config(

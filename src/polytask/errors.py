@@ -20,10 +20,30 @@ __all__ = [
 ]
 
 
+#: the longest message an error gives: a longer one (a huge value in it) is cut in the middle
+MAX_MESSAGE = 1500
+
+
 class PolytaskError(Exception):
-    """Base class of every error caused by the user's input; the CLI exits with ``exit_code``."""
+    """Base class of every error caused by the user's input; the CLI exits with ``exit_code``.
+
+    Its message is one line (line breaks become spaces) of at most :data:`MAX_MESSAGE`
+    characters, whatever values were put in it."""
 
     exit_code: int = 2
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if len(text) > 4 * MAX_MESSAGE:
+            text = text[: 2 * MAX_MESSAGE] + text[-MAX_MESSAGE:]
+        lines = text.splitlines()
+        if len(lines) > 1:
+            text = " ".join(line.strip() for line in lines if line.strip())
+        if len(text) > MAX_MESSAGE:
+            head = MAX_MESSAGE * 2 // 3
+            tail = MAX_MESSAGE - head - 5
+            text = f"{text[:head]} ... {text[-tail:]}"
+        return text
 
 
 class ConfigError(PolytaskError, ValueError):

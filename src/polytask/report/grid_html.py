@@ -15,10 +15,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..errors import ConfigError
 from ..metrics.delta_m import Baseline, delta_m
+from ..yamlio import load_file
 from .figures import cost_figure, delta_m_figure, robustness_figure, tradeoff_figure
 from .html import Raw, Section, draw, esc, page, table_html, write_page
 from .tables import format_value, results_columns
@@ -74,10 +73,13 @@ def _cell_setup(runs: Sequence[Path]) -> tuple[str, str]:
     for run in runs:
         path = run / "config.yaml"
         if path.is_file():
-            config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            config = load_file(path, what="run configuration")
+            if not isinstance(config, dict):
+                config = {}
+            model, balancer = config.get("model"), config.get("balancer")
             return (
-                str((config.get("model") or {}).get("architecture", "?")),
-                str((config.get("balancer") or {}).get("name", "?")),
+                str(model.get("architecture", "?")) if isinstance(model, dict) else "?",
+                str(balancer.get("name", "?")) if isinstance(balancer, dict) else "?",
             )
     return "?", "?"
 

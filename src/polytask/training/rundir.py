@@ -32,6 +32,7 @@ import yaml
 
 from .._meta import package_version
 from ..errors import ConfigError
+from ..yamlio import load_bytes, show_path
 
 __all__ = ["RunDirectory", "new_run_path"]
 
@@ -130,10 +131,8 @@ class RunDirectory:
         return cls(path)
 
     def read_config(self) -> dict[str, Any]:
-        try:
-            data = yaml.safe_load(self.config_path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{self.config_path} is damaged: not valid YAML ({exc}).") from None
+        raw = self.config_path.read_bytes()
+        data = load_bytes(raw, f"{show_path(self.config_path)} (damaged)")
         if not isinstance(data, dict):
             raise ConfigError(f"{self.config_path} does not hold a configuration mapping.")
         return data
