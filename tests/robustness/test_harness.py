@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from cli_harness import (
     assert_refused,
     assert_unchanged,
