@@ -718,7 +718,7 @@ GRID_ERRORS = [
     ),
     pytest.param(
         {"cells": {}},
-        ["GRID", "`cells` must define at least one cell"],
+        ["GRID", "the grid has no cell", "give `cells`"],
         id="no-cells",
     ),
 ]
