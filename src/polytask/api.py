@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -9,12 +10,26 @@ from typing import Any
 from .config import Config, from_dict, load_config, to_dict
 from .errors import ConfigError
 from .evaluation import EvalResult, evaluate
+from .fsio import make_dir
 from .training.build import build_components
 from .training.checkpoint import check_model_signature, load_checkpoint
-from .training.rundir import RunDirectory, new_run_path
+from .training.rundir import DirectoryLock, RunDirectory, lock_holder, new_run_path
 from .training.trainer import StepEnd, Trainer
 
-__all__ = ["evaluate_run", "resume", "train"]
+__all__ = ["evaluate_run", "resume", "train", "warn_if_written"]
+
+
+def warn_if_written(path: Path) -> None:
+    """A warning on stderr when another process is writing the run or grid directory now:
+    what is read from it is partial."""
+    pid = lock_holder(path)
+    if pid is not None:
+        holder = f"process {pid}" if pid > 0 else "another process"
+        print(
+            f"polytask: warning: {path} is being written by {holder}; what is read from it "
+            "now is partial (a run in progress).",
+            file=sys.stderr,
+        )
 
 
 def train(
@@ -38,9 +53,12 @@ def train(
         config = load_config(config, overrides)
     components = build_components(config)  # fails on bad input before anything is written
     path = Path(run_dir) if run_dir is not None else new_run_path(config.output_dir, config.name)
-    run = RunDirectory.create(path, to_dict(config))
-    trainer = Trainer(components, run, step_callbacks=step_callbacks, console=console)
-    return run, trainer.fit()
+    RunDirectory.check_new(path)  # refused before anything is written
+    make_dir(path, "create the run directory")
+    with DirectoryLock(path):  # one writer per run directory
+        run = RunDirectory.create(path, to_dict(config))
+        trainer = Trainer(components, run, step_callbacks=step_callbacks, console=console)
+        return run, trainer.fit()
 
 
 def resume(
@@ -48,23 +66,43 @@ def resume(
     *,
     step_callbacks: Sequence[Callable[[StepEnd], None]] = (),
     console: bool = True,
+    allow_change: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Continue a run from its last checkpoint (exactly where it stopped)."""
+    """Continue a run from its last checkpoint (exactly where it stopped).
+
+    config.yaml must be the configuration the run started with (meta.json holds its hash);
+    ``allow_change`` names keys of :data:`~polytask.training.rundir.ALLOWED_CHANGES` (such as
+    ``train.epochs``) that may differ, and the run continues with their new values."""
     run = RunDirectory.open(run_dir)
     existing = run.read_results()
     if existing is not None:
         raise ConfigError(
             f"{run.path} has already finished (results.json exists); nothing to resume."
         )
+    changes = run.check_config(allow_change)
     config = from_dict(Config, run.read_config())
     components = build_components(config)
-    trainer = Trainer(components, run, step_callbacks=step_callbacks, console=console)
     if not run.last_checkpoint.exists():
         raise ConfigError(
             f"{run.path} has no checkpoint yet (it stopped before its first one); start it again "
             "with `polytask train`."
         )
-    return trainer.fit(resume=True)
+    with DirectoryLock(run.path) as lock:  # one writer per run directory
+        if run.read_results() is not None:  # finished by another process meanwhile
+            raise ConfigError(
+                f"{run.path} has already finished (results.json exists); nothing to resume."
+            )
+        run.accept_config(changes)
+        trainer = Trainer(components, run, step_callbacks=step_callbacks, console=console)
+        if lock.stale_pid is not None:
+            trainer.log.info(
+                f"took over {lock.path} from process {lock.stale_pid}, which ended without "
+                "releasing it (the system releases the lock of a process that dies)"
+            )
+        if changes:
+            described = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+            trainer.log.warning(f"continuing with changed configuration: {described}")
+        return trainer.fit(resume=True)
 
 
 def evaluate_run(
@@ -76,6 +114,7 @@ def evaluate_run(
     if checkpoint not in ("best", "last"):
         raise ConfigError(f"checkpoint: expected best or last, found {checkpoint!r}.")
     run = RunDirectory.open(run_dir)
+    warn_if_written(run.path)
     config = from_dict(Config, run.read_config())
     c = build_components(config)
     path = run.best_checkpoint if checkpoint == "best" else run.last_checkpoint

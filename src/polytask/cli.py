@@ -38,6 +38,14 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("resume", help="continue an interrupted run from its last checkpoint")
     p.add_argument("run_dir")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument(
+        "--allow-change",
+        metavar="KEYS",
+        action="append",
+        default=[],
+        help="continue although config.yaml changed these comma-separated keys since the run "
+        "started (only keys such as train.epochs, where continuing is meaningful)",
+    )
 
     p = sub.add_parser("eval", help="evaluate a run's checkpoint on a split")
     p.add_argument("run_dir")
@@ -79,7 +87,8 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     from .api import resume
     from .report.run_report import results_table
 
-    results = resume(args.run_dir, console=not args.quiet)
+    allow = [k.strip() for keys in args.allow_change for k in keys.split(",") if k.strip()]
+    results = resume(args.run_dir, console=not args.quiet, allow_change=allow)
     print(results_table(results, "test"))
     return 0
 
@@ -124,29 +133,38 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from .api import warn_if_written
+    from .fsio import guard
+
+    for d in args.dirs:
+        path = Path(d)
+        warn_if_written(path)
+        with guard(path, "write the report in"):
+            _report_one(path)
+    return 0
+
+
+def _report_one(path: Path) -> None:
     from .compare import summarize_grid
     from .errors import ConfigError
     from .report.run_report import write_run_report
     from .training.rundir import RunDirectory
 
-    for d in args.dirs:
-        path = Path(d)
-        if (path / "grid.yaml").is_file():
-            summary = summarize_grid(path)
-            print(summary["table"])
-            if summary.get("unfinished_note"):
-                print(summary["unfinished_note"])
-            print(f"written: {path / 'results.md'}")
-            if summary.get("html"):
-                print(f"written: {summary['html']}")
-        elif (path / "config.yaml").is_file():
-            run = RunDirectory.open(path)
-            write_run_report(run)
-            print(f"written: {path / 'report.md'}")
-            print(f"written: {path / 'report.html'}")
-        else:
-            raise ConfigError(f"{path} is neither a run directory nor a grid directory.")
-    return 0
+    if (path / "grid.yaml").is_file():
+        summary = summarize_grid(path)
+        print(summary["table"])
+        if summary.get("unfinished_note"):
+            print(summary["unfinished_note"])
+        print(f"written: {path / 'results.md'}")
+        if summary.get("html"):
+            print(f"written: {summary['html']}")
+    elif (path / "config.yaml").is_file():
+        run = RunDirectory.open(path)
+        write_run_report(run)
+        print(f"written: {path / 'report.md'}")
+        print(f"written: {path / 'report.html'}")
+    else:
+        raise ConfigError(f"{path} is neither a run directory nor a grid directory.")
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -219,6 +237,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PolytaskError as exc:
         print(f"polytask: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # a file system failure outside polytask's own writers
+        from .fsio import file_system_error
+
+        where = exc.filename if isinstance(exc.filename, str) else "a file"
+        print(f"polytask: error: {file_system_error(exc, where, 'access')}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as exc:
         from .training.stopping import RunStopped
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import fnmatch
+import io
 import itertools
 import json
 import math
@@ -66,11 +67,12 @@ from .config import (
     to_dict,
 )
 from .errors import ConfigError
+from .fsio import guard, make_dir, write_atomic
 from .metrics.decathlon import decathlon_score
 from .metrics.delta_m import Baseline, delta_m, delta_m_higher_is_better
 from .report.tables import fitted_table, format_value, markdown_table, results_columns
 from .training.build import build_components
-from .training.rundir import RunDirectory
+from .training.rundir import LOCK_NAME, DirectoryLock, RunDirectory, check_path_component
 from .training.trainer import Trainer
 
 __all__ = [
@@ -139,7 +141,11 @@ def expand_cells(spec: GridSpec, where: str = "grid") -> dict[str, dict[str, Any
     """
     cells: dict[str, dict[str, Any]] = {}
     for name, overrides in spec.cells.items():
-        if not name or not all(c.isalnum() or c in _NAME_CHARS for c in name):
+        if (
+            not isinstance(name, str)
+            or not name
+            or not all(c.isalnum() or c in _NAME_CHARS for c in name)
+        ):
             raise ConfigError(
                 f"{where}: cell name {name!r} may use letters, digits, '_', '-', '.'."
             )
@@ -201,6 +207,8 @@ def expand_cells(spec: GridSpec, where: str = "grid") -> dict[str, dict[str, Any
             )
         excluded.update(matched)
     cells.update((name, o) for name, o in product.items() if name not in excluded)
+    for name in cells:  # each cell is a directory of the grid's: it must stay inside it
+        check_path_component(name, f"{where}: cell name")
     if not cells:
         raise ConfigError(
             f"{where}: the grid has no cell: give `cells`, or a `product` that `exclude` "
@@ -214,6 +222,7 @@ def read_grid_spec(path: str | Path) -> GridSpec:
     cells, see :func:`expand_cells`), without validating the cells' configurations."""
     path = Path(path)
     spec = from_dict(GridSpec, read_yaml(path), "grid")
+    check_path_component(spec.name, f"{path}: grid name")
     spec.cells = expand_cells(spec, str(path))
     return spec
 
@@ -301,8 +310,14 @@ def run_grid(
                         f"{run_path} was trained with another configuration than cell {cell!r} "
                         f"now has; give the grid a new name or remove {run_path}."
                     )
-    grid_dir.mkdir(parents=True, exist_ok=True)
-    (grid_dir / "grid.yaml").write_text(Path(path).read_text(encoding="utf-8"), encoding="utf-8")
+    make_dir(grid_dir, "create the grid directory")
+    with DirectoryLock(grid_dir, "grid directory"):  # one `compare` per grid directory
+        write_atomic(grid_dir / "grid.yaml", Path(path).read_bytes(), "write")
+        _run_cells(spec, configs, grid_dir, console)
+        return summarize_grid(grid_dir, spec)
+
+
+def _run_cells(spec: GridSpec, configs: dict[str, Config], grid_dir: Path, console: bool) -> None:
     progress = GridProgress(len(configs) * len(spec.seeds), enabled=console)
     for cell, config in configs.items():
         for seed in spec.seeds:
@@ -314,17 +329,20 @@ def run_grid(
                     progress.skip(cell, seed, f"finished earlier: {run_path}")
                     continue
                 if run.last_checkpoint.exists():
-                    with progress.run(cell, seed, f"resuming {run_path}"):
+                    with progress.run(cell, seed, f"resuming {run_path}"), DirectoryLock(run_path):
                         Trainer(build_components(cfg), run, console=console).fit(resume=True)
                     continue
-                for child in run_path.iterdir():  # never got to a checkpoint: start afresh
-                    if child.is_file():
-                        child.unlink()
+                with DirectoryLock(run_path):  # never got to a checkpoint: start afresh
+                    for child in run_path.iterdir():
+                        if child.is_file() and child.name != LOCK_NAME:
+                            with guard(child, "remove"):
+                                child.unlink()
             with progress.run(cell, seed, f"training -> {run_path}"):
-                run = RunDirectory.create(run_path, to_dict(cfg))
-                Trainer(build_components(cfg), run, console=console).fit()
+                make_dir(run_path, "create the run directory")
+                with DirectoryLock(run_path):
+                    run = RunDirectory.create(run_path, to_dict(cfg))
+                    Trainer(build_components(cfg), run, console=console).fit()
     progress.close()
-    return summarize_grid(grid_dir, spec)
 
 
 def mean_ranks(
@@ -556,9 +574,7 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
             run_path = grid_dir / cell / f"seed-{seed}"
             states.setdefault(cell, {})[seed] = run_state(run_path)
             if states[cell][seed] == FINISHED:
-                runs.setdefault(cell, []).append(
-                    json.loads((run_path / "results.json").read_text(encoding="utf-8"))
-                )
+                runs.setdefault(cell, []).append(RunDirectory(run_path).read_results() or {})
                 seeds_of.setdefault(cell, []).append(seed)
     cells_state = {cell: cell_state(s) for cell, s in states.items()}
     unfinished = {cell: st for cell, st in cells_state.items() if st != FINISHED}
@@ -701,10 +717,12 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
     for w in warnings:
         print(f"polytask: warning: {w['text']}", file=sys.stderr)
     extra_md = "".join(f"\n{part}\n" for part in (unfinished_md, chance_md) if part)
-    (grid_dir / "results.md").write_text(
-        f"{header}{table}\n\n{note}\n{verdict_md}{extra_md}{per_class_md}", encoding="utf-8"
+    write_atomic(
+        grid_dir / "results.md",
+        f"{header}{table}\n\n{note}\n{verdict_md}{extra_md}{per_class_md}",
+        "write",
     )
-    with (grid_dir / "results.csv").open("w", newline="", encoding="utf-8") as f:
+    with io.StringIO(newline="") as f:
         writer = csv.writer(f)
         keys = [f"{t}.{k}" for t, k, _ in columns] + (["delta_m"] if baseline else [])
         keys += (["decathlon"] if scored else []) + ["time_s"]
@@ -733,6 +751,7 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
         for cell, st in unfinished.items():  # without any finished seed: no values
             if cell not in runs:
                 writer.writerow([cell, 0, *[""] * (2 * len(keys)), "", "", st])
+        write_atomic(grid_dir / "results.csv", f.getvalue(), "write")
     summary = {
         "grid": spec.name,
         "protocol": spec.protocol,
@@ -751,9 +770,7 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
         "chance_warnings": warnings,
         "chance_note": chance_md or None,
     }
-    (grid_dir / "results.json").write_text(
-        json.dumps(summary, indent=2, default=str), encoding="utf-8"
-    )
+    write_atomic(grid_dir / "results.json", json.dumps(summary, indent=2, default=str), "write")
     from .report.grid_html import write_grid_html
 
     try:  # the tables are written: the HTML report only describes them and must not fail them

@@ -14,7 +14,10 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "FileSystemError",
     "PolytaskError",
+    "RunDirectoryError",
+    "RunLockedError",
     "TrainingDiverged",
     "did_you_mean",
 ]
@@ -56,6 +59,33 @@ class DataError(PolytaskError, ValueError):
 
 class CheckpointError(PolytaskError, ValueError):
     """A checkpoint is corrupted, unreadable or belongs to a different model or run."""
+
+
+class FileSystemError(PolytaskError, OSError):
+    """Writing (or creating) a file or directory failed: disk full, read-only, no permission,
+    a path that is a file, a name too long or with a NUL byte. Names the path and the
+    operation; nothing already written is lost."""
+
+    def __init__(
+        self, message: str, *, path: str, operation: str, errno: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.path = path
+        self.operation = operation
+        self.errno = errno
+
+
+class RunLockedError(PolytaskError, RuntimeError):
+    """Another process is writing the run (or grid) directory: one writer per directory."""
+
+    def __init__(self, message: str, *, pid: int | None = None) -> None:
+        super().__init__(message)
+        self.pid = pid
+
+
+class RunDirectoryError(PolytaskError, ValueError):
+    """A run directory was edited or damaged: a changed config.yaml, a damaged meta.json,
+    metrics.jsonl or results.json."""
 
 
 class TrainingDiverged(PolytaskError, RuntimeError):

@@ -2,15 +2,16 @@
 
 A checkpoint is a plain mapping of tensors and Python scalars/containers, so that
 ``torch.load(..., weights_only=True)`` can read it: opening a checkpoint never runs code
-from it.
+from it. It carries the SHA-256 of its contents (``content_sha256``: every tensor's dtype,
+shape and bytes, every key and value, in order), checked when it is read: a file with the
+right format tag but other contents (edited, damaged, or assembled by hand) is refused.
 """
 
 from __future__ import annotations
 
-import os
+import hashlib
 import pickle
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,31 +20,61 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..fsio import guard, write_atomic
 
-__all__ = ["FORMAT", "check_model_signature", "load_checkpoint", "model_signature", "save_atomic"]
+__all__ = [
+    "DIGEST_KEY",
+    "FORMAT",
+    "check_model_signature",
+    "content_digest",
+    "load_checkpoint",
+    "model_signature",
+    "save_atomic",
+]
 
 FORMAT = "polytask-checkpoint-v1"
+DIGEST_KEY = "content_sha256"
+"""The key of a checkpoint's content hash (see :func:`content_digest`)."""
+
+
+def content_digest(obj: Mapping[str, Any]) -> str:
+    """SHA-256 of a checkpoint's contents (without :data:`DIGEST_KEY`): keys, values and
+    every tensor's dtype, shape and bytes, in order. The same before saving and after a
+    weights-only load."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in obj.items() if k != DIGEST_KEY})
+    return h.hexdigest()
+
+
+def _feed(h: Any, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}:".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, Mapping):
+        h.update(f"D{len(value)}:".encode())
+        for k, v in value.items():
+            _feed(h, k)
+            _feed(h, v)
+    elif isinstance(value, list | tuple):
+        h.update(f"{'L' if isinstance(value, list) else 'U'}{len(value)}:".encode())
+        for v in value:
+            _feed(h, v)
+    elif isinstance(value, bytes | bytearray):
+        h.update(f"B{len(value)}:".encode())
+        h.update(bytes(value))
+    else:  # str, int, float, bool, None, torch.dtype / device / Size
+        text = repr(value)
+        h.update(f"S{type(value).__name__}{len(text)}:{text}".encode())
 
 
 def save_atomic(obj: Mapping[str, Any], path: str | Path) -> None:
-    """Write ``obj`` to ``path`` so that a crash leaves either the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(dict(obj), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Write ``obj`` with its content hash to ``path`` so that a crash or a full disk leaves
+    either the old file or the new one (a full disk is a one-line FileSystemError)."""
+    data = dict(obj)
+    data[DIGEST_KEY] = content_digest(data)
+    write_atomic(path, lambda f: torch.save(data, f), "write the checkpoint")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -51,6 +82,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    with guard(path, "read the checkpoint"), path.open("rb") as f:  # permissions first
+        f.read(1)
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -68,6 +101,17 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a polytask checkpoint (format {FORMAT!r} expected).")
+    digest = data.pop(DIGEST_KEY, None)
+    if not isinstance(digest, str):
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: it has no content hash ({DIGEST_KEY}), so its "
+            "contents cannot be checked; use a checkpoint written by polytask."
+        )
+    if content_digest(data) != digest:
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: its contents do not match its hash (damaged or "
+            "edited); resume from another copy, or start the run again."
+        )
     return data
 
 

@@ -189,8 +189,11 @@ class Trainer:
         seed_everything(cfg.seed)
         try:
             if resume:
+                for stale in self.run.remove_stale_temporaries():
+                    self.log.info(f"removed {stale}, the temporary file of a write cut short")
                 self.load_checkpoint()
-                self.run.truncate_metrics(self.state.epoch)
+                for note in self.run.truncate_metrics(self.state.epoch):
+                    self.log.warning(note)
                 self.log.info(
                     f"resuming {self.run.path} at epoch {self.state.epoch + 1}, "
                     f"step {self.state.step_in_epoch}"
