@@ -180,19 +180,31 @@ def test_a_second_signal_stops_at_once_and_the_last_checkpoint_resumes_exactly(
     _assert_same(_summary(run), reference)
 
 
-def test_sigterm_to_a_fresh_process_after_the_first_epoch_line(
+def test_sigterm_to_a_fresh_process_group_after_the_first_epoch_line(
     tmp_path: Path, reference: dict[str, Any]
 ) -> None:
+    """As a scheduler does: SIGTERM to the whole process group, loader workers included
+    (they leave the stop to the main process)."""
     recipe = _project(tmp_path)
     run = tmp_path / "run"
     env = _env(FAULTY_TABLE_SLOW="0.01", PYTHONPATH=str(SRC))  # about 1 s per epoch
     proc = subprocess.Popen(
-        [sys.executable, "-m", "polytask", "train", str(recipe), "--run-dir", str(run)],
+        [
+            sys.executable,
+            "-m",
+            "polytask",
+            "train",
+            str(recipe),
+            "--run-dir",
+            str(run),
+            "data.num_workers=2",
+        ],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # its own process group, for killpg
     )
     deadline = time.monotonic() + 60
     log = run / "train.log"
@@ -201,7 +213,7 @@ def test_sigterm_to_a_fresh_process_after_the_first_epoch_line(
             break
         time.sleep(0.02)
     assert proc.poll() is None, proc.communicate()
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
     assert "Traceback" not in err

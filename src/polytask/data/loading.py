@@ -20,6 +20,7 @@ Single-input mode: every step is one batch of the (one) training set, under the 
 from __future__ import annotations
 
 import math
+import signal
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -115,6 +116,16 @@ def steps_per_epoch(
     return max(counts)
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """In a loader's worker process: SIGINT, SIGTERM and SIGHUP (which a terminal or a
+    scheduler sends to the whole process group) are for the main process, which stops the
+    run at a safe point and then ends its workers; a worker killed first would fail the run
+    with a traceback."""
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 def iterate_batches(
     datasets: Mapping[str, Dataset[Any]],
     steps: Sequence[Step],
@@ -142,6 +153,7 @@ def iterate_batches(
             generator=generator,
             pin_memory=pin_memory,
             collate_fn=getattr(dataset, "collate", None),
+            worker_init_fn=_ignore_stop_signals if num_workers > 0 else None,
         )
         iterators[key] = iter(loader)
     for step in steps:
