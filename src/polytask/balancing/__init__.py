@@ -19,7 +19,7 @@ from .aggregation import (
 )
 from .base import BALANCERS, BackwardContext, Balancer, LossWeighting
 from .gradient import GradientBalancer, GramianWeighting
-from .weighting import DWA, FAMO, GLS, RLW, Equal, UncertaintyWeighting
+from .weighting import DWA, FAMO, GLS, RLW, Equal, FixedWeights, UncertaintyWeighting
 
 __all__ = [
     "BALANCERS",
@@ -34,6 +34,7 @@ __all__ = [
     "Balancer",
     "CAGrad",
     "Equal",
+    "FixedWeights",
     "GradDrop",
     "GradNorm",
     "GradVac",

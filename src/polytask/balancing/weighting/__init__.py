@@ -3,8 +3,9 @@
 from .dwa import DWA
 from .equal import Equal
 from .famo import FAMO
+from .fixed import FixedWeights
 from .gls import GLS
 from .rlw import RLW
 from .uncertainty import UncertaintyWeighting
 
-__all__ = ["DWA", "FAMO", "GLS", "RLW", "Equal", "UncertaintyWeighting"]
+__all__ = ["DWA", "FAMO", "GLS", "RLW", "Equal", "FixedWeights", "UncertaintyWeighting"]
