@@ -19,7 +19,7 @@ from .aggregation import (
 )
 from .base import BALANCERS, BackwardContext, Balancer, LossWeighting
 from .gradient import GradientBalancer, GramianWeighting
-from .weighting import DWA, FAMO, GLS, RLW, Equal, FixedWeights, UncertaintyWeighting
+from .weighting import DWA, FAMO, GLS, RLW, STCH, Equal, FixedWeights, UncertaintyWeighting
 
 __all__ = [
     "BALANCERS",
@@ -29,6 +29,7 @@ __all__ = [
     "IMTLG",
     "MGDA",
     "RLW",
+    "STCH",
     "AlignedMTL",
     "BackwardContext",
     "Balancer",

@@ -6,6 +6,7 @@ from .famo import FAMO
 from .fixed import FixedWeights
 from .gls import GLS
 from .rlw import RLW
+from .stch import STCH
 from .uncertainty import UncertaintyWeighting
 
-__all__ = ["DWA", "FAMO", "GLS", "RLW", "Equal", "FixedWeights", "UncertaintyWeighting"]
+__all__ = ["DWA", "FAMO", "GLS", "RLW", "STCH", "Equal", "FixedWeights", "UncertaintyWeighting"]
