@@ -2,6 +2,7 @@
 
 from .aligned_mtl import AlignedMTL
 from .cagrad import CAGrad
+from .grad_norm_scaling import GradNormScaling
 from .graddrop import GradDrop
 from .gradnorm import GradNorm
 from .gradvac import GradVac
@@ -18,6 +19,7 @@ __all__ = [
     "CAGrad",
     "GradDrop",
     "GradNorm",
+    "GradNormScaling",
     "GradVac",
     "NashMTL",
     "NashMTLNotConverged",
