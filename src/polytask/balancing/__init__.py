@@ -5,6 +5,7 @@ Importing this package registers every built-in method in :data:`BALANCERS`.
 
 from . import aggregation, weighting
 from .aggregation import (
+    DBMTL,
     IMTLG,
     MGDA,
     AlignedMTL,
@@ -24,6 +25,7 @@ from .weighting import DWA, FAMO, GLS, RLW, STCH, Equal, FixedWeights, Uncertain
 
 __all__ = [
     "BALANCERS",
+    "DBMTL",
     "DWA",
     "FAMO",
     "GLS",

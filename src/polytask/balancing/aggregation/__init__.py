@@ -2,6 +2,7 @@
 
 from .aligned_mtl import AlignedMTL
 from .cagrad import CAGrad
+from .db_mtl import DBMTL
 from .grad_norm_scaling import GradNormScaling
 from .graddrop import GradDrop
 from .gradnorm import GradNorm
@@ -13,6 +14,7 @@ from .pcgrad import PCGrad
 from .upgrad import UPGrad
 
 __all__ = [
+    "DBMTL",
     "IMTLG",
     "MGDA",
     "AlignedMTL",
