@@ -3,6 +3,7 @@
 from .aligned_mtl import AlignedMTL
 from .cagrad import CAGrad
 from .db_mtl import DBMTL
+from .excess_mtl import ExcessMTL
 from .grad_norm_scaling import GradNormScaling
 from .graddrop import GradDrop
 from .gradnorm import GradNorm
@@ -19,6 +20,7 @@ __all__ = [
     "MGDA",
     "AlignedMTL",
     "CAGrad",
+    "ExcessMTL",
     "GradDrop",
     "GradNorm",
     "GradNormScaling",
