@@ -10,6 +10,7 @@ component's own signature when it is built.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -37,6 +38,10 @@ __all__ = [
     "parse_overrides",
     "to_dict",
 ]
+
+
+#: the largest float32: a learning rate above it is infinite in the optimizer's float32 math
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _range(*, ge: float | None = None, gt: float | None = None, le: float | None = None) -> Any:
@@ -85,7 +90,7 @@ class BalancerConfig:
     gramian_precision: Literal["float64", "float32"] = "float64"
     #: learning rate of the method's own learnable parameters (None: the method's default,
     #: else the model's)
-    lr: float | None = field(default=None, metadata=_range(gt=0))
+    lr: float | None = field(default=None, metadata=_range(gt=0, le=FLOAT32_MAX))
 
 
 @dataclass
@@ -109,7 +114,7 @@ class OptimConfig:
     """Optimizer, gradient clipping and schedule."""
 
     name: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = field(default=1e-3, metadata=_range(gt=0))
+    lr: float = field(default=1e-3, metadata=_range(gt=0, le=FLOAT32_MAX))
     weight_decay: float = field(default=0.0, metadata=_range(ge=0))
     momentum: float = field(default=0.9, metadata=_range(ge=0, le=1))
     grad_clip: float | None = field(default=None, metadata=_range(gt=0))
@@ -164,7 +169,9 @@ class Config:
     """A whole training recipe."""
 
     name: str = "run"
-    seed: int = 0
+    #: seeds every random generator: 0 to 2**32-1 (it is combined with epoch and worker
+    #: numbers into the 64-bit seeds of the batch order and the loader workers)
+    seed: int = field(default=0, metadata=_range(ge=0, le=2**32 - 1))
     #: Python modules to import before building (they register your own architectures,
     #: backbones, balancing methods or data sets), e.g. ``[my_project.mtl]``
     plugins: list[str] = field(default_factory=list)
@@ -256,12 +263,18 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str):
             # PyYAML reads ``1e-4`` (no dot) as a string; accept any float literal.
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
-                pass
+                raise ConfigError(f"{key}: expected a number, found {value!r}.") from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected a number, found {value!r}.")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond every float
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, found {value!r}.")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, found {value!r}.")

@@ -7,16 +7,20 @@ decorator::
     def build_my_arch(...): ...
 
 Built-in components are registered when their package is imported; third-party code
-registers its own the same way before building from a config.
+registers its own the same way before building from a config. A registration may declare
+limits of the options beside it (see :mod:`polytask.options`)::
+
+    @BACKBONES.register("my_cnn", limits={"channels": Limit(ge=1, le=4096)})
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 from .errors import ConfigError, did_you_mean
+from .options import Budget, Limit, OptionSchema, check_options, option_schema
 
 __all__ = ["Registry", "call_with_options"]
 
@@ -30,11 +34,21 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._items: dict[str, T] = {}
+        # name -> (the registered object, its limits, its budgets)
+        self._limits: dict[str, tuple[object, dict[str, Limit], tuple[Budget, ...]]] = {}
 
-    def register(self, name: str) -> Callable[[F], F]:
+    def register(
+        self,
+        name: str,
+        *,
+        limits: Mapping[str, Limit] | None = None,
+        budgets: Sequence[Budget] = (),
+    ) -> Callable[[F], F]:
         """Decorator registering ``obj`` under ``name``; a name can be registered only once.
 
-        The decorated object is returned unchanged (with its own type).
+        ``limits`` bound options beyond what their annotations say (``{"channels":
+        Limit(ge=1, le=4096)}``) and ``budgets`` bound estimates computed from all options;
+        see :mod:`polytask.options`. The decorated object is returned unchanged.
         """
 
         def decorator(obj: F) -> F:
@@ -49,6 +63,7 @@ class Registry(Generic[T]):
                 )
             # the same definition again (a re-run notebook cell, a reloaded module) replaces it
             self._items[name] = obj  # type: ignore[assignment]
+            self._limits[name] = (obj, dict(limits or {}), tuple(budgets))
             return obj
 
         return decorator
@@ -56,6 +71,16 @@ class Registry(Generic[T]):
     def unregister(self, name: str) -> None:
         """Remove ``name`` (a KeyError if it is not registered)."""
         del self._items[name]
+        self._limits.pop(name, None)
+
+    def schema(self, name: str, provided: Sequence[str] = ()) -> OptionSchema:
+        """The options ``name`` takes from a config (all but ``provided``), with their types,
+        limits and budgets."""
+        factory: Any = self.get(name)
+        owner, limits, budgets = self._limits.get(name, (None, {}, ()))
+        if owner is not factory:  # replaced without register(): nothing declared
+            limits, budgets = {}, ()
+        return option_schema(factory, provided, limits, budgets)
 
     def get(self, name: str) -> T:
         """The factory registered as ``name``; a :class:`ConfigError` lists the known names."""
@@ -88,40 +113,28 @@ def call_with_options(
     *,
     where: str,
     provided: Mapping[str, Any] | None = None,
+    schema: OptionSchema | None = None,
 ) -> Any:
     """Call ``factory(**provided, **options)``, checking ``options`` against its signature.
 
     ``options`` come from the user (a config's ``options`` mapping); ``provided`` are
     arguments that polytask passes itself (tasks, input shape, ...). An option the factory
-    does not accept, or one that collides with a provided argument, is a
-    :class:`ConfigError` naming ``where`` (the config key) and the accepted options.
+    does not accept, one that collides with a provided argument, or one whose value does
+    not fit the parameter's annotation (and the registration's limits, given by ``schema``,
+    see :meth:`Registry.schema`) is a :class:`ConfigError` naming ``where`` (the config key).
     """
     provided = dict(provided or {})
-    signature = inspect.signature(factory)
-    params = signature.parameters
-    accepts_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    user_options = [
-        n
-        for n, p in params.items()
-        if n not in provided
-        and p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    ]
-    for key in options:
-        if key in provided:
-            raise ConfigError(f"{where}.{key} is set by polytask and cannot be given as an option.")
-        if key not in params and not accepts_kwargs:
-            allowed = ", ".join(user_options) or "(none)"
-            raise ConfigError(
-                f"unknown option {where}.{key}.{did_you_mean(key, user_options)} "
-                f"Accepted options: {allowed}."
-            )
+    if schema is None:
+        schema = option_schema(factory, provided)
+    checked = check_options(schema, options, where=where, provided=provided)
     try:
-        return factory(**provided, **options)
+        return factory(**provided, **checked)
     except TypeError as exc:
+        params = inspect.signature(factory).parameters
         missing = [
             n
-            for n in user_options
-            if params[n].default is inspect.Parameter.empty and n not in options
+            for n, o in schema.options.items()
+            if params[n].default is inspect.Parameter.empty and n not in checked
         ]
         if missing:
             raise ConfigError(f"{where} needs the option(s): {', '.join(missing)}.") from exc

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError, did_you_mean
 from ..losses import CrossEntropyLoss
 from ..metrics.classification import Accuracy
+from ..options import SAMPLES, Limit
 from ..tasks import Task
 from ._options import check_int
 from .base import DATASETS, SPLITS, DataBundle
@@ -175,7 +176,15 @@ def _make_task(name: str) -> Task:
     )
 
 
-@DATASETS.register("decathlon")
+@DATASETS.register(
+    "decathlon",
+    limits={
+        "n_train": SAMPLES,
+        "n_val": SAMPLES,
+        "n_test": SAMPLES,
+        "size": Limit(ge=MIN_SIZE, le=256),
+    },
+)
 def decathlon(
     *,
     n_train: int | Mapping[str, int] = DEFAULT_SIZES["n_train"],

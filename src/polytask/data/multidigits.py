@@ -41,6 +41,7 @@ from ..errors import ConfigError, DataError, did_you_mean
 from ..losses import CrossEntropyLoss, MSELoss
 from ..metrics.classification import Accuracy
 from ..metrics.regression import RegressionMetric
+from ..options import SAMPLES, Limit, values_budget
 from ..tasks import Task
 from ._options import check_int
 from .base import DATASETS, SPLITS, DataBundle
@@ -336,7 +337,23 @@ def _check_fractions(
     return dict.fromkeys(tasks, fraction)
 
 
-@DATASETS.register("multidigits")
+@DATASETS.register(
+    "multidigits",
+    limits={
+        "n_train": SAMPLES,
+        "n_val": SAMPLES,
+        "n_test": SAMPLES,
+        "canvas": Limit(ge=MIN_CANVAS, le=512),
+        "label_fraction": Limit(gt=0, le=1),
+    },
+    # with multi_input every task has its own canvases
+    budgets=[
+        values_budget(
+            lambda o: o["canvas"] ** 2 * ((3 if o["with_sum"] else 2) if o["multi_input"] else 1),
+            "canvas",
+        )
+    ],
+)
 def multidigits(
     *,
     n_train: int = 4000,

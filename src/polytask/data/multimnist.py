@@ -69,6 +69,7 @@ import torch.nn.functional as F
 
 from ..losses import CrossEntropyLoss
 from ..metrics.classification import Accuracy
+from ..options import SAMPLES, Limit, values_budget
 from ..tasks import Task
 from ._options import check_int
 from .base import DATASETS, SPLITS, DataBundle
@@ -322,7 +323,18 @@ def _per_split(make: Callable[[str], Any]) -> dict[str, Any]:
     return {split: make(split) for split in SPLITS}
 
 
-@DATASETS.register("multimnist")
+#: the options of the three data sets, beyond their annotations (polytask.options)
+LIMITS = {
+    "n_train": SAMPLES,
+    "n_val": SAMPLES,
+    "n_test": SAMPLES,
+    "canvas": Limit(ge=MIN_CANVAS, le=512),
+}
+#: every image is composed at 36 x 36, then resized to canvas x canvas
+BUDGETS = [values_budget(lambda o: max(COMPOSED, o["canvas"]) ** 2, "canvas")]
+
+
+@DATASETS.register("multimnist", limits=LIMITS, budgets=BUDGETS)
 def multimnist(
     *,
     n_train: int = 3000,
@@ -373,7 +385,7 @@ def _fashion(root: str | Path | None) -> tuple[dict[str, Source], dict[str, str]
     return sources, names
 
 
-@DATASETS.register("multifashion")
+@DATASETS.register("multifashion", limits=LIMITS, budgets=BUDGETS)
 def multifashion(
     *,
     n_train: int = 3000,
@@ -422,7 +434,7 @@ def multifashion(
     )
 
 
-@DATASETS.register("multifashion_mnist")
+@DATASETS.register("multifashion_mnist", limits=LIMITS, budgets=BUDGETS)
 def multifashion_mnist(
     *,
     n_train: int = 3000,

@@ -42,6 +42,7 @@ import numpy.typing as npt
 import torch
 
 from ..errors import ConfigError
+from ..options import SAMPLES, Limit, values_budget
 from ._options import check_int
 from .augment import DenseMaps, RandomScaleCropFlip
 from .base import DATASETS, DataBundle
@@ -498,7 +499,18 @@ class ScenesDataset(TensorMTLDataset):
 _AUGMENT = RandomScaleCropFlip()
 
 
-@DATASETS.register("scenes")
+@DATASETS.register(
+    "scenes",
+    limits={
+        "n_train": SAMPLES,
+        "n_val": SAMPLES,
+        "n_test": SAMPLES,
+        "height": Limit(ge=32, le=1024),
+        "width": Limit(ge=32, le=1024),
+    },
+    # an RGB image, a segmentation, a depth map and normals: 8 values per pixel
+    budgets=[values_budget(lambda o: 8 * o["height"] * o["width"], "height", "width")],
+)
 def scenes(
     *,
     n_train: int = 600,

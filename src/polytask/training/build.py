@@ -26,6 +26,7 @@ from ..data.base import DATASETS, DataBundle
 from ..errors import ConfigError, DataError
 from ..metrics.delta_m import Baseline
 from ..models.base import ARCHITECTURES, BACKBONES, HEADS, MultiTaskModel
+from ..options import check_options
 from ..registry import call_with_options
 from ..tasks import Task, check_task_names
 
@@ -36,6 +37,7 @@ __all__ = [
     "build_model",
     "build_optimizer",
     "build_scheduler",
+    "check_component_options",
     "check_selection",
     "resolve_baseline",
     "resolve_device",
@@ -125,7 +127,9 @@ def build_data(config: Config) -> tuple[DataBundle, dict[str, Task]]:
     """The data bundle and the selected tasks (in the order the config names them)."""
     _load_plugins()
     builder = DATASETS.get(config.data.name)
-    bundle = call_with_options(builder, config.data.options, where="data.options")
+    bundle = call_with_options(
+        builder, config.data.options, where="data.options", schema=DATASETS.schema(config.data.name)
+    )
     if not isinstance(bundle, DataBundle):
         raise TypeError(f"data set builder {config.data.name!r} returned {type(bundle).__name__}")
     names = check_task_names(bundle.tasks, config.tasks)
@@ -155,10 +159,15 @@ def build_model(
 ) -> MultiTaskModel:
     _load_plugins()
     backbone_cls = BACKBONES.get(config.model.backbone)
-    options = dict(config.model.backbone_options)
+    schema = BACKBONES.schema(config.model.backbone, BACKBONE_PROVIDED)
+    options = check_options(schema, config.model.backbone_options, where="model.backbone_options")
     # Build once now so that bad options fail before training starts.
     call_with_options(
-        backbone_cls, options, where="model.backbone_options", provided={"input_shape": input_shape}
+        backbone_cls,
+        options,
+        where="model.backbone_options",
+        provided={"input_shape": input_shape},
+        schema=schema,
     )
 
     def backbone() -> nn.Module:
@@ -171,7 +180,11 @@ def build_model(
     if "input_shape" in inspect.signature(factory).parameters:
         provided["input_shape"] = input_shape  # for architectures that read the raw input
     model = call_with_options(
-        factory, config.model.options, where="model.options", provided=provided
+        factory,
+        config.model.options,
+        where="model.options",
+        provided=provided,
+        schema=ARCHITECTURES.schema(config.model.architecture, list(provided)),
     )
     if not isinstance(model, MultiTaskModel):
         raise TypeError(
@@ -184,7 +197,11 @@ def build_balancer(config: Config, tasks: Mapping[str, Task]) -> Balancer:
     _load_plugins()
     factory = BALANCERS.get(config.balancer.name)
     balancer = call_with_options(
-        factory, config.balancer.options, where="balancer.options", provided={"tasks": list(tasks)}
+        factory,
+        config.balancer.options,
+        where="balancer.options",
+        provided={"tasks": list(tasks)},
+        schema=BALANCERS.schema(config.balancer.name, BALANCER_PROVIDED),
     )
     if not isinstance(balancer, Balancer):
         raise TypeError(
@@ -304,9 +321,57 @@ def check_selection(config: Config, tasks: Mapping[str, Task]) -> None:
         )
 
 
+#: the arguments polytask passes to builders itself (never options of a config)
+DATA_PROVIDED: tuple[str, ...] = ()
+BACKBONE_PROVIDED = ("input_shape",)
+ARCHITECTURE_PROVIDED = ("tasks", "backbone", "head", "input_shape")
+BALANCER_PROVIDED = ("tasks",)
+
+
+def check_component_options(config: Config) -> None:
+    """Check every component's options (data set, backbone, architecture, balancing method)
+    against its builder's annotations and declared limits, before anything is built; a
+    :class:`ConfigError` names the dotted key (see :mod:`polytask.options`)."""
+    _load_plugins(config.plugins, config.plugin_paths)
+    checks: list[tuple[Any, str, str, Any, Sequence[str]]] = [
+        (DATASETS, config.data.name, "data.options", config.data.options, DATA_PROVIDED),
+        (
+            BACKBONES,
+            config.model.backbone,
+            "model.backbone_options",
+            config.model.backbone_options,
+            BACKBONE_PROVIDED,
+        ),
+        (
+            ARCHITECTURES,
+            config.model.architecture,
+            "model.options",
+            config.model.options,
+            _architecture_provided(config.model.architecture),
+        ),
+        (
+            BALANCERS,
+            config.balancer.name,
+            "balancer.options",
+            config.balancer.options,
+            BALANCER_PROVIDED,
+        ),
+    ]
+    HEADS.get(config.model.head)  # an unknown head name, before anything is built
+    for registry, name, where, options, provided in checks:
+        check_options(registry.schema(name, provided), options, where=where, provided=provided)
+
+
+def _architecture_provided(name: str) -> tuple[str, ...]:
+    """What polytask passes to architecture ``name`` (``input_shape`` if it reads it)."""
+    params = inspect.signature(ARCHITECTURES.get(name)).parameters
+    return tuple(n for n in ARCHITECTURE_PROVIDED if n != "input_shape" or n in params)
+
+
 def build_components(config: Config) -> Components:
     """Build data, model, balancer, optimizer and scheduler from a configuration."""
     _load_plugins(config.plugins, config.plugin_paths)
+    check_component_options(config)
     device = resolve_device(config.train.device)
     check_precision(config.train.precision, device)
     bundle, tasks = build_data(config)

@@ -149,7 +149,40 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        save_atomic(self.checkpoint_state(), self.run.last_checkpoint)
+        """Write ``last.pt``, never with a NaN or infinite tensor: a diverged model or
+        optimizer state raises :class:`TrainingDiverged` and the last good checkpoint stays."""
+        state = self.checkpoint_state()
+        bad = _non_finite(state["model"], "model") or _non_finite(state["optimizer"], "optimizer")
+        if bad is not None:
+            raise TrainingDiverged(
+                self._diverged(
+                    f"{bad} holds NaN or infinite values",
+                    f"after global step {self.state.global_step}",
+                )
+            )
+        save_atomic(state, self.run.last_checkpoint)
+
+    def _diverged(self, what: str, at: str | None = None) -> str:
+        """The message of a divergence: where, what the run directory keeps, the remedy."""
+        s = self.state
+        lr = self.cfg.optim.lr
+        kept = (
+            f"{self.run.path} keeps its last good checkpoint, but resuming it repeats the "
+            "divergence: resume continues with the same learning rate (restored with the "
+            "optimizer's state; a changed optim.lr makes another run). "
+            if self.run.last_checkpoint.exists()
+            else "no checkpoint had been written yet. "
+        )
+        if at is None:
+            at = (
+                f"at epoch {s.epoch + 1}, step {s.step_in_epoch + 1} (global step "
+                f"{s.global_step + 1})"
+            )
+        return (
+            f"{what} {at}. Training stopped; {kept}Start a new run with a lower "
+            f"optim.lr (this run: {lr:g}) or with optim.grad_clip, e.g. "
+            f"`polytask train RECIPE optim.lr={lr / 10:g}`."
+        )
 
     def load_checkpoint(self) -> None:
         """Restore everything from the run's ``last.pt``."""
@@ -374,16 +407,10 @@ class Trainer:
         if not bool(torch.isfinite(stacked).all()):
             bad = [t for t, v in zip(losses, stacked.tolist(), strict=True) if not math.isfinite(v)]
             raise TrainingDiverged(
-                f"the loss of task(s) {', '.join(repr(b) for b in bad)} is "
-                f"{stacked[[list(losses).index(b) for b in bad]].tolist()} at epoch "
-                f"{s.epoch + 1}, step {s.step_in_epoch + 1} (global step {s.global_step + 1}). "
-                "Training stopped; "
-                + (
-                    f"{self.run.path} keeps its last good checkpoint. "
-                    if self.run.last_checkpoint.exists()
-                    else "no checkpoint had been written yet. "
+                self._diverged(
+                    f"the loss of task(s) {', '.join(repr(b) for b in bad)} is "
+                    f"{stacked[[list(losses).index(b) for b in bad]].tolist()}"
                 )
-                + "Try a lower optim.lr or optim.grad_clip."
             )
         present = losses
         if masked:  # a task without any label in this batch contributes nothing to it
@@ -544,7 +571,7 @@ class Trainer:
         improved = s.best_score is None or (
             score > s.best_score if higher else score < s.best_score
         )
-        if improved and math.isfinite(score):
+        if improved and math.isfinite(score) and _non_finite(c.model.state_dict(), "") is None:
             s.best_score, s.best_epoch = score, epoch
             save_atomic(
                 {
@@ -727,6 +754,28 @@ class Trainer:
         }
         stored = {"input": inputs} if isinstance(inputs, Tensor) else {}
         self.run.write_inspection({**stored, **arrays}, meta)
+
+
+def _non_finite(state: Any, name: str) -> str | None:
+    """The name of the first floating tensor in ``state`` (nested mappings and sequences)
+    holding a NaN or an infinity, or None."""
+    if isinstance(state, Tensor):
+        if (state.is_floating_point() or state.is_complex()) and not bool(
+            torch.isfinite(state).all()
+        ):
+            return name
+        return None
+    if isinstance(state, Mapping):
+        items: Any = state.items()
+    elif isinstance(state, list | tuple):
+        items = enumerate(state)
+    else:
+        return None
+    for key, value in items:
+        found = _non_finite(value, f"{name}.{key}" if name else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 def _class_info(info: Mapping[str, Any], tasks: Mapping[str, Any]) -> dict[str, Any]:

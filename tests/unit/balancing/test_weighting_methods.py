@@ -129,7 +129,7 @@ BAD_OPTIONS = [
     ("dwa", "temperature", 0.0),
     ("dwa", "temperature", -2.0),
     ("dwa", "temperature", math.nan),
-    ("dwa", "temperature", "2"),
+    ("dwa", "temperature", "two"),
     ("dwa", "mode", "iteration"),
     ("dwa", "window", 0),
     ("dwa", "window", 2.5),

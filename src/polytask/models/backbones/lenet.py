@@ -27,19 +27,33 @@ batches of at least two samples (``data.drop_last: true`` if the last batch may 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...errors import ConfigError
+from ...options import CHANNELS, WIDTH, Limit, parameters_budget
 from ..base import BACKBONES
 from .staged import StageOutput, StageSpec
 
 __all__ = ["LeNet"]
 
 
-@BACKBONES.register("lenet")
+def _lenet_parameters(options: Mapping[str, Any]) -> int:
+    """Weights of the convolutions and of a linear layer over at least a 1x1 map."""
+    channels, kernels = list(options["channels"]), list(options["kernels"])
+    sizes = [3, *channels]
+    convs = sum(k * k * a * b for a, b, k in zip(sizes, sizes[1:], kernels, strict=False))
+    return int(convs + channels[-1] * int(options["out_features"]))
+
+
+@BACKBONES.register(
+    "lenet",
+    limits={"channels": CHANNELS, "kernels": Limit(ge=1, le=64), "out_features": WIDTH},
+    budgets=[parameters_budget(_lenet_parameters, "channels", "kernels", "out_features")],
+)
 class LeNet(nn.Module):
     """conv-ReLU-pool blocks, then a linear layer with ReLU over the flattened map.
 

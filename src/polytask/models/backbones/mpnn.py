@@ -28,6 +28,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ...errors import ConfigError
+from ...options import DEPTH, MAX_WIDTH, WIDTH, Limit, parameters_budget
 from ..base import BACKBONES
 
 __all__ = ["MPNN"]
@@ -46,7 +47,24 @@ def _geometric() -> Any:
     return geometric_nn
 
 
-@BACKBONES.register("mpnn")
+@BACKBONES.register(
+    "mpnn",
+    limits={
+        "edge_features": Limit(ge=1, le=MAX_WIDTH),
+        "width": Limit(ge=1, le=4096),
+        "steps": DEPTH,
+        "set2set_steps": DEPTH,
+        "edge_hidden": WIDTH,
+    },
+    # the edge network maps edge_hidden units to a width x width message matrix
+    budgets=[
+        parameters_budget(
+            lambda o: o["edge_hidden"] * o["width"] ** 2 + 6 * o["width"] ** 2,
+            "width",
+            "edge_hidden",
+        )
+    ],
+)
 class MPNN(nn.Module):
     """Edge-network message passing with a GRU update and a Set2Set readout.
 

@@ -16,12 +16,14 @@ up to the shortcuts (``n = 3``: ResNet-20). Convolutions use He (fan-out) initia
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...errors import ConfigError
+from ...options import CHANNELS, DEPTH, WIDTH, parameters_budget
 from ..base import BACKBONES
 
 __all__ = ["BasicBlock", "ResNet"]
@@ -53,7 +55,22 @@ def _positive(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-@BACKBONES.register("resnet")
+def _resnet_parameters(options: Mapping[str, Any]) -> int:
+    """Weights of the 3x3 convolutions of every stage's blocks, and the linear layer."""
+    widths = list(options["channels"])
+    blocks = int(options["blocks_per_stage"])
+    convs = sum(
+        9 * w * w * 2 * blocks + 9 * p * w for p, w in zip([3, *widths], widths, strict=False)
+    )
+    out = options.get("out_features")
+    return int(convs + (widths[-1] * int(out) if out else 0))
+
+
+@BACKBONES.register(
+    "resnet",
+    limits={"channels": CHANNELS, "blocks_per_stage": DEPTH, "out_features": WIDTH},
+    budgets=[parameters_budget(_resnet_parameters, "channels", "blocks_per_stage", "out_features")],
+)
 class ResNet(nn.Module):
     """Stem, residual stages and global average pooling: features of size ``out_features``.
 

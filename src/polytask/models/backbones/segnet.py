@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Size, Tensor, nn
 
 from ...errors import ConfigError
+from ...options import Limit
 from ..base import BACKBONES
 from .staged import StageOutput, StageSpec, run_stages
 
@@ -54,7 +55,8 @@ class _Pooled(NamedTuple):
     size: Size
 
 
-@BACKBONES.register("segnet")
+#: 8 times the reference network's widths: about 64 x 29 million parameters
+@BACKBONES.register("segnet", limits={"width": Limit(gt=0, le=8)})
 class SegNet(nn.Module):
     """SegNet encoder-decoder; its features are the last decoder stage's output.
 

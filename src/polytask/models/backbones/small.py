@@ -8,13 +8,31 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...errors import ConfigError
+from ...options import CHANNELS, WIDTH, Limit, dense_parameters, parameters_budget
 from ..base import BACKBONES
 from .staged import StageOutput, StageSpec
 
 __all__ = ["MLP", "SmallCNN"]
 
 
-@BACKBONES.register("small_cnn")
+def _conv_parameters(channels: Sequence[int], kernels: Sequence[int] | int = 3) -> int:
+    """Weights of a chain of convolutions from 3 input channels (an estimate for limits)."""
+    sizes = [3, *channels]
+    ks = [kernels] * len(channels) if isinstance(kernels, int) else list(kernels)
+    return sum(k * k * a * b for a, b, k in zip(sizes, sizes[1:], ks, strict=False))
+
+
+@BACKBONES.register(
+    "small_cnn",
+    limits={"channels": CHANNELS, "out_features": WIDTH},
+    budgets=[
+        parameters_budget(
+            lambda o: _conv_parameters(o["channels"]) + o["channels"][-1] * o["out_features"],
+            "channels",
+            "out_features",
+        )
+    ],
+)
 class SmallCNN(nn.Module):
     """conv-BN-ReLU blocks with 2x2 max-pooling, then global average pooling and a linear layer.
 
@@ -110,7 +128,11 @@ class SmallCNN(nn.Module):
         raise IndexError(f"small_cnn has no decoder stage {stage}.")
 
 
-@BACKBONES.register("mlp")
+@BACKBONES.register(
+    "mlp",
+    limits={"hidden": WIDTH, "dropout": Limit(ge=0, lt=1)},
+    budgets=[parameters_budget(lambda o: dense_parameters(o["hidden"]), "hidden")],
+)
 class MLP(nn.Module):
     """Fully connected layers with ReLU for vector inputs (any input shape is flattened)."""
 

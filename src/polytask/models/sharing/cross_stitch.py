@@ -83,6 +83,7 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import CheckpointError, ConfigError, did_you_mean
+from ...options import Limit
 from ...tasks import Task
 from ..backbones.staged import StagedBackbone, as_staged
 from ..base import ARCHITECTURES, BackboneFactory, HeadFactory, MultiTaskModel
@@ -307,7 +308,7 @@ def load_column_weights(
         column.load_state_dict(own)
 
 
-@ARCHITECTURES.register("cross_stitch")
+@ARCHITECTURES.register("cross_stitch", limits={"lr_multiplier": Limit(gt=0)})
 class CrossStitch(MultiTaskModel):
     """One staged column per task, mixed by cross-stitch units (see the module documentation).
 

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import ConfigError
+from ...options import Limit
 from ...tasks import Task
 from ..base import ARCHITECTURES, BackboneFactory, HeadFactory, MultiTaskModel, out_features
 
@@ -87,7 +88,8 @@ def input_size(arch: str, input_shape: Sequence[int]) -> int:
     return math.prod(shape)
 
 
-@ARCHITECTURES.register("mmoe")
+#: every expert is a whole backbone
+@ARCHITECTURES.register("mmoe", limits={"num_experts": Limit(ge=1, le=64)})
 class MMoE(MultiTaskModel):
     """Experts shared by all tasks, mixed for each task by its own softmax gate.
 

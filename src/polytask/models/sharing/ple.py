@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import ConfigError
+from ...options import Limit
 from ...tasks import Task
 from ..base import ARCHITECTURES, BackboneFactory, HeadFactory, MultiTaskModel, out_features
 from .mmoe import Gate, check_count, input_size, mix_experts
@@ -104,7 +105,15 @@ class ExtractionLevel(nn.Module):
         return self.experts_of(next(iter(self.task_experts)))[0]
 
 
-@ARCHITECTURES.register("ple")
+#: every expert is a whole backbone
+@ARCHITECTURES.register(
+    "ple",
+    limits={
+        "num_levels": Limit(ge=1, le=16),
+        "shared_experts": Limit(ge=0, le=64),
+        "task_experts": Limit(ge=0, le=64),
+    },
+)
 class PLE(MultiTaskModel):
     """Stacked extraction levels of shared and task experts with per-task gates (CGC when
     ``num_levels=1``).

@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...errors import ConfigError
+from ...options import Limit
 from ...tasks import Task
 from ..backbones.staged import StagedBackbone
 from ..base import ARCHITECTURES, BackboneFactory, HeadFactory, MultiTaskModel
@@ -129,7 +130,9 @@ def _resize(z: Tensor, size: torch.Size) -> Tensor:
     return F.interpolate(z, size=size, mode="bilinear", align_corners=True)
 
 
-@ARCHITECTURES.register("sluice")
+@ARCHITECTURES.register(
+    "sluice", limits={"subspaces": Limit(ge=1, le=64), "orthogonality_weight": Limit(ge=0)}
+)
 class Sluice(MultiTaskModel):
     """Staged columns with learned subspace mixing and layer skips (see the module docs).
 

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import ConfigError
+from ...options import Limit
 from ...tasks import Task
 from ..base import ARCHITECTURES, BackboneFactory, HeadFactory, MultiTaskModel, out_features
 from .cross_stitch import _check_choice
@@ -49,7 +50,7 @@ from .cross_stitch import _check_choice
 __all__ = ["SoftSharing"]
 
 
-@ARCHITECTURES.register("soft")
+@ARCHITECTURES.register("soft", limits={"weight": Limit(ge=0)})
 class SoftSharing(MultiTaskModel):
     """One backbone and head per task, tied by an L2 or trace-norm penalty (see module docs).
 
