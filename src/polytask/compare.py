@@ -609,7 +609,8 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
                 f"polytask {package_version()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
             ),
         )
-        baseline.save(grid_dir / "baseline.json")
+        with guard(grid_dir / "baseline.json", "write"):
+            baseline.save(grid_dir / "baseline.json")
     rows: list[dict[str, Any]] = []
     for cell, cell_runs in runs.items():
         row: dict[str, Any] = {"cell": cell, "seeds": len(cell_runs)}
