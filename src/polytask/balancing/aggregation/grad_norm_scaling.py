@@ -26,15 +26,15 @@ class GradNormScaling(GramianWeighting):
     head gets the ordinary gradient of its loss, as with every gradient method here. A task
     whose gradient is exactly zero gets weight 0 (it contributes nothing either way).
 
-    It is the simple gradient-magnitude normalisation that comparisons of multi-task
-    optimisers with tuned scalarisations use as a point of reference (cf. Kurin et al., "In
-    Defense of the Unitary Scalarization for Deep Multi-Task Learning", NeurIPS 2022; Xin et
-    al., "Do Current Multi-Task Optimization Methods in Deep Learning Even Help?", NeurIPS
-    2022), and the magnitude-balancing half of methods such as DB-MTL (without its EMA and
-    its rescaling to the largest norm). No other method here computes it: MGDA with
-    ``normalization=l2`` solves its min-norm problem for the unit gradients but applies the
-    weights to the raw ones, and IMTL-G and Aligned-MTL balance the projections, not the
-    norms.
+    It is a simple gradient-magnitude baseline in the spirit of the studies that compare
+    multi-task optimisers with plain scalarisation and find simple baselines hard to beat
+    (Kurin et al., "In Defense of the Unitary Scalarization for Deep Multi-Task Learning",
+    NeurIPS 2022; Xin et al., "Do Current Multi-Task Optimization Methods in Deep Learning
+    Even Help?", NeurIPS 2022), and the magnitude-balancing half of methods such as DB-MTL
+    (without its EMA and its rescaling to the largest norm). No other method here computes
+    it: MGDA with ``normalization=l2`` solves its min-norm problem for the unit gradients but
+    applies the weights to the raw ones, and IMTL-G and Aligned-MTL balance the projections,
+    not the norms.
 
     The update is invariant to a positive rescaling of any single task's gradient (or loss),
     and its norm is at most K whatever the scale of the gradients: the learning rate sets
