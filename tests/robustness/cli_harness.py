@@ -151,9 +151,7 @@ def snapshot(root: str | Path) -> dict[str, tuple[int, str]]:
     return files
 
 
-def assert_refused(
-    result: Result, *fragments: str, code: int = 2, max_length: int = 2000
-) -> str:
+def assert_refused(result: Result, *fragments: str, code: int = 2, max_length: int = 2000) -> str:
     """The command answered (did not hang), exited with ``code``, wrote no traceback, and
     stderr is exactly one ``polytask: error:`` line (of at most ``max_length`` characters)
     containing every fragment; returns the message."""
