@@ -255,10 +255,14 @@ def test_compare_stops_the_grid_and_goes_on(tmp_path: Path, reference: dict[str,
 
 
 def test_handlers_are_restored_after_the_command(tmp_path: Path) -> None:
+    from helpers import tiny_config_dict
     from polytask.cli import main
 
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    recipe = _project(tmp_path, epochs=1)
+    # a built-in data set: a plugin imported here would stay registered in this process
+    config = tiny_config_dict(tmp_path / "runs", **{"train.epochs": 1})
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(config), encoding="utf-8")
     assert main(["train", str(recipe), "--quiet", "--run-dir", str(tmp_path / "run")]) == 0
     after = {s: signal.getsignal(s) for s in before}
     assert after == before
