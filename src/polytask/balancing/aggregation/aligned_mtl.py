@@ -13,7 +13,7 @@ from ..base import BALANCERS
 from ..gradient import GramianWeighting, Level
 from ._qp import single_thread
 
-__all__ = ["AlignedMTL"]
+__all__ = ["AlignedMTL", "AlignedMTLUB"]
 
 Reduction = Literal["sum", "mean"]
 ScaleMode = Literal["min", "median", "rmse"]
@@ -110,3 +110,30 @@ class AlignedMTL(GramianWeighting):
             scale = lam.mean()
         weights: Tensor = v @ ((scale / lam).sqrt() * (v.T @ pref))
         return weights.to(gramian.device)
+
+
+@BALANCERS.register("aligned_mtl_ub")
+class AlignedMTLUB(AlignedMTL):
+    """Aligned-MTL-UB, the paper's cheaper variant (Senushkin et al., CVPR 2023, Section 4,
+    "Aligned-MTL-UB"): the gradients of the task losses with respect to the shared
+    representation (the encoder's output) are aligned instead of those with respect to the
+    shared parameters, and the aligned sum is carried into the encoder by one backward pass,
+    the task-specific decoders keeping their ordinary gradients.
+
+    That is exactly :class:`AlignedMTL` at ``level=feature`` (the rows are the gradients at
+    the architecture's shared representation, the update ``w @ J_Z`` is back-propagated once
+    through the trunk and every other parameter gets the gradient of ``sum_k L_k``), as in the
+    official code's ``AlignedMTLUBBalancer`` (``hrepr.backward(aligned_sum)``, decoder
+    gradients unscaled by default). This name is that method with ``level`` defaulting to
+    ``"feature"``; every option of ``aligned_mtl`` applies.
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        level: Level = "feature",
+        reduction: Reduction = "sum",
+        scale_mode: ScaleMode = "min",
+        rank_eps: float | None = None,
+    ) -> None:
+        super().__init__(tasks, level, reduction, scale_mode, rank_eps)

@@ -1,15 +1,18 @@
-"""IMTL-G: the combination of the gradients with equal projections on every task's direction."""
+"""IMTL: IMTL-G, the combination of the gradients with equal projections on every task's
+direction, and the full method, IMTL-G on losses scaled by IMTL-L's learnable scales."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..base import BALANCERS
-from ..gradient import GramianWeighting
-from ._common import normalized_gramian
+from ..base import BALANCERS, BackwardContext
+from ..gradient import GramianWeighting, Level
+from ._common import normalized_gramian, task_indices
 
-__all__ = ["IMTLG", "imtl_g_weights"]
+__all__ = ["IMTL", "IMTLG", "imtl_g_weights"]
 
 
 def imtl_g_weights(gramian: Tensor) -> Tensor:
@@ -84,3 +87,64 @@ class IMTLG(GramianWeighting):
 
     def weights_from_gramian(self, gramian: Tensor) -> Tensor:
         return imtl_g_weights(gramian)
+
+
+@BALANCERS.register("imtl")
+class IMTL(IMTLG):
+    """IMTL, the full hybrid of Impartial Multi-Task Learning (Liu et al., ICLR 2021,
+    "Towards Impartial Multi-task Learning", Algorithm 1 "IMTL"): IMTL-L's learnable loss
+    scales combined with IMTL-G.
+
+    IMTL-L gives every task a learnable ``s_k`` (initially 0) and the scaled loss::
+
+        L'_k = e^{s_k} L_k - s_k
+
+    whose minimisation over ``s_k`` drives ``e^{s_k} L_k`` to 1 (scale-balanced losses; the
+    ``- s_k`` term keeps ``s_k`` from running to minus infinity). Each step:
+
+    - the shared part gets IMTL-G's combination of the gradients of the scaled losses,
+      ``d = sum_k alpha_k e^{s_k} g_k`` with ``alpha = IMTL-G(e^{s_k} g_k)`` (only the
+      factors ``e^{s_k}``, taken as constants, reach the Jacobian; ``- s_k`` has no gradient
+      with respect to the model);
+    - every other parameter of the model gets the gradient of ``sum_k e^{s_k} L_k``;
+    - ``s_k`` gets ``dL'_k / ds_k = e^{s_k} L_k - 1`` (an ordinary gradient, stepped by the
+      optimizer in the balancer's own parameter group).
+
+    The effective weight logged per task is ``alpha_k e^{s_k}``, the coefficient of the raw
+    gradient ``g_k``. IMTL-G's projections do not depend on the norms of the rows, but its
+    weights ``alpha`` (summing to 1) do, so the scales change the update's length and the
+    balance of the non-shared parameters; with ``s = 0`` the first step equals ``imtl_g``.
+
+    Deviations and conventions: the paper takes the gradients with respect to the shared
+    features (``level=feature``), which is this class's default; ``level=parameter`` is
+    available. The paper does not fix the scales' learning rate; by default they share the
+    model's (``lr`` None; ``balancer.lr`` overrides it). ``imtl_g`` stays available for
+    IMTL-G alone.
+
+    Args:
+        tasks: task names.
+        level: ``"feature"`` (default, the paper) or ``"parameter"``.
+    """
+
+    def __init__(self, tasks: Sequence[str], level: Level = "feature") -> None:
+        super().__init__(tasks, level)
+        #: IMTL-L's ``s_k``, one learnable scalar per task
+        self.log_scales = nn.ParameterList(nn.Parameter(torch.zeros(())) for _ in self.task_names)
+
+    def backward(self, losses: Mapping[str, Tensor], ctx: BackwardContext) -> dict[str, Tensor]:
+        names = list(losses)
+        params = [self.log_scales[i] for i in task_indices(self.task_names, names)]
+        factors = {
+            t: torch.exp(p.detach()).to(losses[t].dtype) for t, p in zip(names, params, strict=True)
+        }
+        scaled = {t: factors[t] * losses[t] for t in names}
+        weights = super().backward(scaled, ctx)
+        # dL'_k / ds_k = e^{s_k} L_k - 1, through the loss scaler like the model's gradients
+        total = torch.stack(
+            [
+                torch.exp(p) * losses[t].detach().to(p.dtype) - p
+                for t, p in zip(names, params, strict=True)
+            ]
+        ).sum()
+        ctx.scale(total).backward()  # type: ignore[no-untyped-call]
+        return {t: (weights[t] * factors[t].to(weights[t].dtype)).detach() for t in names}
