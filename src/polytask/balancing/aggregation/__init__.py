@@ -4,6 +4,7 @@ from .aligned_mtl import AlignedMTL, AlignedMTLUB
 from .cagrad import CAGrad
 from .conflict_free import ConFIG
 from .db_mtl import DBMTL
+from .dualproj import DualProj
 from .excess_mtl import ExcessMTL
 from .fairgrad import FairGrad, FairGradNotConverged
 from .grad_norm_scaling import GradNormScaling
@@ -11,9 +12,11 @@ from .graddrop import GradDrop
 from .gradnorm import GradNorm
 from .gradvac import GradVac
 from .imtl import IMTL, IMTLG
+from .linear import Constant, Mean, Sum
 from .mgda import MGDA
 from .nash_mtl import NashMTL, NashMTLNotConverged
 from .pcgrad import PCGrad
+from .robust import Krum, TrimmedMean
 from .upgrad import UPGrad
 
 __all__ = [
@@ -25,6 +28,8 @@ __all__ = [
     "AlignedMTLUB",
     "CAGrad",
     "ConFIG",
+    "Constant",
+    "DualProj",
     "ExcessMTL",
     "FairGrad",
     "FairGradNotConverged",
@@ -32,8 +37,12 @@ __all__ = [
     "GradNorm",
     "GradNormScaling",
     "GradVac",
+    "Krum",
+    "Mean",
     "NashMTL",
     "NashMTLNotConverged",
     "PCGrad",
+    "Sum",
+    "TrimmedMean",
     "UPGrad",
 ]
