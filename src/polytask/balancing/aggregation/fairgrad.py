@@ -51,8 +51,10 @@ def fair_weights(
     iteration rescales ``w`` to the minimum of ``F`` along its ray
     (``t^(1 + 1/alpha) = sum_i w_i^p / w^T G w``), then takes a Newton step in relative form:
     with ``D = diag(w)``, ``(D G D + diag(w^p) / alpha) z = -D r``, ``r = G w - w^(-1/alpha)``,
-    and ``w <- w exp(t z)`` (positive whatever ``t``) with ``t`` halved from 1 until ``F``
-    decreases by Armijo's rule (a descent method on a strictly convex function: it converges
+    and ``w <- w exp(t z)`` (positive whatever ``t``) with ``t`` halved from
+    ``min(1, 4 / max_i |z_i|)`` (no weight moves by more than ``e^4`` in a step) until ``F``
+    decreases by Armijo's rule, or, where that decrease is below ``F``'s rounding (weights
+    spanning many orders of magnitude), until the residual decreases (a descent method on a strictly convex function: it converges
     to the minimiser, quadratically near it, where the full step is taken).
 
     It stops when the relative residual ``max_i |w_i^(1/alpha) (G w)_i - 1|`` is at most
@@ -83,7 +85,10 @@ def fair_weights(
         # relative Newton system: D H D z = -D grad F, H = G + diag(w^(-1/alpha - 1)) / alpha
         rhs = -(w * gw - w**p)
         system = w[:, None] * g * w[None, :] + torch.diag(w**p) * inv
-        z, info = torch.linalg.solve_ex(system, rhs)
+        # symmetric Jacobi scaling: its diagonal spans as many orders as the weights
+        scale = system.diagonal().rsqrt()
+        y, info = torch.linalg.solve_ex(scale[:, None] * system * scale[None, :], scale * rhs)
+        z = scale * y
         if int(info) != 0 or not bool(torch.isfinite(z).all()):
             return w, residual, bound, step
         value = _objective(g, w, alpha)
@@ -93,7 +98,10 @@ def fair_weights(
         # does so in a few steps); near the root (Newton decrement below 1/10) the full step,
         # since there the decrease of F is below its rounding and Armijo's test cannot see it
         close = -slope < 1e-2
-        t = 1.0
+        # no weight moves by more than a factor e^4 in one step: far from the root the
+        # relative Newton step can ask a weight to fall below zero (z_i < -1), which exp()
+        # would turn into an underflow to 0
+        t = min(1.0, 4.0 / max(float(z.abs().max()), 1e-300))
         for _ in range(60):
             trial = w * torch.exp(t * z)
             if close and bool(torch.isfinite(trial).all()):
@@ -103,9 +111,48 @@ def fair_weights(
                 break
             t *= 0.5
         else:
-            return w, residual, bound, step
+            # F's decrease is below its rounding (F is dominated by the largest weights while
+            # the step moves tiny ones): accept the longest step that lowers the residual
+            fallback = _residual_step(g, w, z, inv, residual)
+            if fallback is None:
+                return w, residual, bound, step
+            trial = fallback
         w = trial
     raise AssertionError("unreachable")
+
+
+def _continuation(
+    g: Tensor, alpha: float, max_iter: int, tol: float
+) -> tuple[Tensor, float, float, int]:
+    """:func:`fair_weights` along ``alpha_0 = 1 (Nash-MTL), ..., alpha``, geometric steps of
+    at most a factor 1.25, each solve started from the previous root (the roots move
+    continuously with alpha). For problems whose root spans many orders of magnitude, where
+    a cold start fails; returns the last solve (the steps are summed), which is for an
+    intermediate alpha if that one failed."""
+    stages = max(1, math.ceil(abs(math.log(alpha)) / math.log(1.25)))
+    w = g.diagonal().rsqrt()
+    total = 0
+    residual, bound = math.inf, 0.0
+    for i in range(stages + 1):
+        a = alpha ** (i / stages)
+        w, residual, bound, steps = fair_weights(g, a, w, max_iter, tol)
+        total += steps
+        if not (bound <= _ACCEPTABLE and residual <= max(tol, bound)):
+            break
+    return w, residual, bound, total
+
+
+def _residual_step(g: Tensor, w: Tensor, z: Tensor, inv: float, residual: float) -> Tensor | None:
+    """``w exp(t z)`` for the largest ``t = 2^-i`` whose residual
+    ``max_i |w_i^(1/alpha) (G w)_i - 1|`` is below ``(1 - t/4)`` times ``residual``."""
+    t = min(1.0, 4.0 / max(float(z.abs().max()), 1e-300))
+    for _ in range(60):
+        trial = w * torch.exp(t * z)
+        value = float(((trial**inv) * (g @ trial) - 1.0).abs().max())
+        if math.isfinite(value) and value <= (1.0 - t / 4) * residual:
+            return trial
+        t *= 0.5
+    return None
 
 
 @BALANCERS.register("fairgrad")
@@ -131,8 +178,9 @@ class FairGrad(GramianWeighting):
     whatever it stops at, without checking the residual (TorchJD also caps the number of
     evaluations with ``max_iters``); at small or large gradient scales it stops far from
     the root. Here the equation is solved exactly by damped Newton steps on a strictly
-    convex function (:func:`fair_weights`), on the Gramian divided by its mean diagonal
-    ``s`` (the root for ``G`` is that for ``G / s`` times ``s^(-alpha / (1 + alpha))``),
+    convex function (:func:`fair_weights`; if a cold start fails, again by continuation from
+    ``alpha = 1`` in steps of at most a factor 1.25), on the Gramian divided by its mean
+    diagonal ``s`` (the root for ``G`` is that for ``G / s`` times ``s^(-alpha / (1 + alpha))``),
     warm-started from the previous step's weights. It stops when
     ``max_i |w_i^(1/alpha) (G w)_i - 1| <= tol`` (or, for nearly Pareto-stationary
     gradients, when that residual is within its own float64 rounding, at most 1e-2).
@@ -242,6 +290,10 @@ class FairGrad(GramianWeighting):
             w, residual, bound, steps = fair_weights(
                 sub, self.alpha, start, self.max_iter, self.tol
             )
+            if not (bound <= _ACCEPTABLE and residual <= max(self.tol, bound)):
+                found = _continuation(sub, self.alpha, self.max_iter, self.tol)
+                if found[2] <= _ACCEPTABLE and found[1] <= max(self.tol, found[2]):
+                    w, residual, bound, steps = found
         self.last_residual, self.last_iterations = residual, steps
         if bound <= _ACCEPTABLE and residual <= max(self.tol, bound):
             weights[idx] = w * factor
