@@ -15,6 +15,7 @@ from .imtl import IMTL, IMTLG
 from .linear import Constant, Mean, Sum
 from .mgda import MGDA
 from .nash_mtl import NashMTL, NashMTLNotConverged
+from .pcd import PCD
 from .pcgrad import PCGrad
 from .robust import Krum, TrimmedMean
 from .upgrad import UPGrad
@@ -24,6 +25,7 @@ __all__ = [
     "IMTL",
     "IMTLG",
     "MGDA",
+    "PCD",
     "AlignedMTL",
     "AlignedMTLUB",
     "CAGrad",
