@@ -471,3 +471,24 @@ def test_new_methods_take_level_and_a_subset_of_tasks(name: str, level: str) -> 
             if name == "fairgrad":
                 expected = NashMTL(tasks).weights_from_gramian(rows.double() @ rows.double().T)
             torch.testing.assert_close(combined, expected.float() @ rows, rtol=1e-5, atol=1e-6)
+
+
+def test_imtl_scale_gradients_go_through_the_loss_scaler() -> None:
+    """With a loss scaler every gradient the step leaves (the model's and the scales') is
+    multiplied by the loss scale, for the optimizer's unscale to divide."""
+    results = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=8.0)):
+        model = Quadratic()
+        method = IMTL(TASKS, level="parameter")
+        with torch.no_grad():
+            method.log_scales[1].fill_(0.4)
+        ctx = BackwardContext(
+            shared_parameters=[model.theta], other_parameters=[model.heads], grad_scaler=scaler
+        )
+        method.backward(model.losses(), ctx)
+        assert model.theta.grad is not None and model.heads.grad is not None
+        scales = [p.grad for p in method.log_scales]
+        assert all(s is not None for s in scales)
+        results.append((model.theta.grad, model.heads.grad, torch.stack(scales)))  # type: ignore[arg-type]
+    for plain, scaled in zip(*results, strict=True):
+        torch.testing.assert_close(scaled, 8.0 * plain, rtol=1e-5, atol=1e-6)
