@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -359,5 +360,7 @@ def test_cli_trains_the_cpu_recipe(capsys: pytest.CaptureFixture[str], tmp_path:
         f"output_dir={tmp_path}",
     )
     assert code == 0, err
-    assert "U0 mae" in out
+    # eleven tasks: a summary, then the per-task values one row per task and metric
+    assert "mean mae over 11 tasks" in out
+    assert re.search(r"^\| U0 +\| mae ↓ +\| [0-9.]+", out, re.MULTILINE), out
     assert "inspection of the model failed" not in out + err
