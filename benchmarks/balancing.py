@@ -208,7 +208,7 @@ def methods() -> list[tuple[str, str, dict[str, Any]]]:
     for name in BALANCERS.names():
         if name.startswith("test_"):
             continue
-        probe = BALANCERS.get(name)(tasks=["a", "b"])
+        probe = BALANCERS.get(name)(tasks=["a", "b", "c"])
         if isinstance(probe, GradientBalancer):
             out.append((f"{name} (parameter)", name, {"level": "parameter"}))
             out.append((f"{name} (feature)", name, {"level": "feature"}))
