@@ -5,6 +5,7 @@ Importing this package registers every built-in method in :data:`BALANCERS`.
 
 from . import aggregation, weighting
 from .aggregation import (
+    CRMOGM,
     DBMTL,
     IMTL,
     IMTLG,
@@ -25,6 +26,7 @@ from .aggregation import (
     GradVac,
     Krum,
     Mean,
+    MoCo,
     NashMTL,
     NashMTLNotConverged,
     PCGrad,
@@ -38,6 +40,7 @@ from .weighting import DWA, FAMO, GLS, RLW, STCH, Equal, FixedWeights, Uncertain
 
 __all__ = [
     "BALANCERS",
+    "CRMOGM",
     "DBMTL",
     "DWA",
     "FAMO",
@@ -70,6 +73,7 @@ __all__ = [
     "Krum",
     "LossWeighting",
     "Mean",
+    "MoCo",
     "NashMTL",
     "NashMTLNotConverged",
     "PCGrad",

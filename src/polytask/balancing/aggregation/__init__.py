@@ -3,6 +3,7 @@
 from .aligned_mtl import AlignedMTL, AlignedMTLUB
 from .cagrad import CAGrad
 from .conflict_free import ConFIG
+from .cr_mogm import CRMOGM
 from .db_mtl import DBMTL
 from .dualproj import DualProj
 from .excess_mtl import ExcessMTL
@@ -14,6 +15,7 @@ from .gradvac import GradVac
 from .imtl import IMTL, IMTLG
 from .linear import Constant, Mean, Sum
 from .mgda import MGDA
+from .moco import MoCo
 from .nash_mtl import NashMTL, NashMTLNotConverged
 from .pcd import PCD
 from .pcgrad import PCGrad
@@ -21,6 +23,7 @@ from .robust import Krum, TrimmedMean
 from .upgrad import UPGrad
 
 __all__ = [
+    "CRMOGM",
     "DBMTL",
     "IMTL",
     "IMTLG",
@@ -41,6 +44,7 @@ __all__ = [
     "GradVac",
     "Krum",
     "Mean",
+    "MoCo",
     "NashMTL",
     "NashMTLNotConverged",
     "PCGrad",
