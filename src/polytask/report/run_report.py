@@ -128,6 +128,10 @@ def class_rows(results: dict[str, Any]) -> dict[str, tuple[list[str], list[list[
     infos = results.get("classes") or {}
     for task in results.get("tasks") or list(results["test"].get("details", {})):
         details = results["test"].get("details", {}).get(task, {})
+        labels = _label_rows(details, infos.get(task, {}))
+        if labels is not None:
+            tables[task] = labels
+            continue
         key = next((k for k in CLASS_NOTES if details.get(k) is not None), None)
         if key is None:
             continue
@@ -157,6 +161,39 @@ def class_rows(results: dict[str, Any]) -> dict[str, tuple[list[str], list[list[
         ]
         tables[task] = (headers, rows, CLASS_NOTES[key])
     return tables
+
+
+LABEL_VALUES = {
+    "f1": "F1",
+    "precision": "precision",
+    "recall": "recall",
+    "roc_auc": "ROC-AUC",
+    "average_precision": "AP",
+}
+"""The per-label values of a multi-label task's table, in order (those its metric kept)."""
+
+
+def _label_rows(
+    details: dict[str, Any], info: dict[str, Any]
+) -> tuple[list[str], list[list[str]], str] | None:
+    """The per-label test table of a multi-label task with several labels (its metric's
+    ``positives`` and per-label values), or ``None``."""
+    positives = details.get("positives")
+    if not isinstance(positives, list) or len(positives) < 2 or details.get("f1") is None:
+        return None
+    names = info.get("names") or [str(i) for i in range(len(positives))]
+    keys = [k for k in LABEL_VALUES if details.get(k) is not None]
+    headers = ["label", "test positives"] + [f"test {LABEL_VALUES[k]} ↑" for k in keys]
+    rows = [
+        [str(names[i]), f"{positives[i]:.0f}"] + [format_value(details[k][i]) for k in keys]
+        for i in range(len(positives))
+    ]
+    note = (
+        "Each label on its own (the task's values are their unweighted means), in percent; "
+        "positives: the split's samples with the label; '-' where a label's test samples "
+        "are all of one class"
+    )
+    return headers, rows, note
 
 
 def class_table(results: dict[str, Any]) -> str | None:
