@@ -781,9 +781,14 @@ def _non_finite(state: Any, name: str) -> str | None:
 def _class_info(info: Mapping[str, Any], tasks: Mapping[str, Any]) -> dict[str, Any]:
     """Class names (segmentation and classification tasks) and training pixels (segmentation)
     from the data set's ``info`` (``class_names``, ``class_pixels``: one list, or
-    ``{task: list}``)."""
+    ``{task: list}``); the label names of a multi-label task with several labels (its
+    ``extra["labels"]``, as :func:`polytask.tasks.label_tasks` declares them)."""
     result: dict[str, Any] = {}
     for name, task in tasks.items():
+        labels = task.extra.get("labels") if task.kind == "multilabel" else None
+        if isinstance(labels, Sequence) and len(labels) == task.output_dim > 1:
+            result[name] = {"names": [str(label) for label in labels]}
+            continue
         if task.kind not in ("segmentation", "classification"):
             continue
         entry: dict[str, Any] = {}
