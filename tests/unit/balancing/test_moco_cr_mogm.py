@@ -266,6 +266,27 @@ def test_cr_mogm_missing_task_starts_late_and_keeps_its_average() -> None:
     torch.testing.assert_close(w[[0, 2]], 0.5 * first + 0.5 * full[[0, 2]])
 
 
+def test_cr_mogm_with_beta_0_trains_as_its_base_with_learnable_parameters() -> None:
+    """IMTL's learnable scales live in the base; beta = 0 gives the same run bit for bit."""
+    results = []
+    for name, options in (("imtl", {}), ("cr_mogm", {"base": "imtl", "beta": 0.0})):
+        model = _model()
+        method = build(name, options)
+        params = list(model.parameters()) + list(method.parameters())
+        assert len(list(method.parameters())) == 3
+        opt = torch.optim.SGD(params, lr=0.05)
+        for step in range(3):
+            x, y = _batch(torch.Generator().manual_seed(step))
+            opt.zero_grad()
+            _step(model, method, x, y)
+            opt.step()
+            method.after_optimizer_step(None)
+        results.append(
+            torch.cat([_params(model), *(p.detach().flatten() for p in method.parameters())])
+        )
+    assert torch.equal(results[0], results[1])
+
+
 def test_cr_mogm_runs_its_bases_backward_preparations() -> None:
     """MGDA's loss normalisation needs the losses its backward captures."""
     results = []

@@ -34,9 +34,10 @@ class CRMOGM(GradientBalancer):
     so ``beta = 0`` is the base method itself. The base is any method whose update is
     ``w @ J`` with ``w`` computed from the rows (``mgda``, ``upgrad``, ``cagrad``,
     ``nash_mtl``, ``imtl_g``, ``fairgrad``, ...): option ``base`` names it and
-    ``base_options`` gives its options (``level`` is this method's and is passed on). The
-    base runs unchanged (its own loss-based normalisations and state included); only the
-    weights it would apply are replaced by their average.
+    ``base_options`` gives its options (``level``, when given, is this method's and is passed
+    on). The base runs unchanged (its own loss-based normalisations, state, learnable
+    parameters and hooks included); only the weights it would apply are replaced by their
+    average.
 
     Conventions and deviations:
 
@@ -53,23 +54,24 @@ class CRMOGM(GradientBalancer):
 
     Args:
         tasks: task names.
-        level: ``"parameter"`` or ``"feature"``, for the base method.
+        level: ``"parameter"`` or ``"feature"``, passed to the base method; by default the
+            base's own default (``imtl`` and ``aligned_mtl_ub``: ``feature``).
         base: the registered name of the base method.
-        base_options: the base method's options (without ``tasks`` and ``level``).
+        base_options: the base method's options (without ``tasks``; ``level`` only when this
+            method's ``level`` is not given).
         beta: the averaging coefficient, in ``[0, 1)``.
     """
 
     def __init__(
         self,
         tasks: Sequence[str],
-        level: Level = "parameter",
+        level: Level | None = None,
         base: str = "mgda",
         base_options: Mapping[str, object] | None = None,
         beta: float = 0.9,
     ) -> None:
-        super().__init__(tasks, level)
-        self.beta = check_number_option("beta", beta, low=0.0)
-        if self.beta >= 1.0:
+        beta = check_number_option("beta", beta, low=0.0)
+        if beta >= 1.0:
             raise ConfigError(
                 f"balancer.options.beta: expected a number in [0, 1), found {beta!r}."
             )
@@ -83,11 +85,14 @@ class CRMOGM(GradientBalancer):
             raise ConfigError(
                 f"balancer.options.base_options: expected a mapping, found {base_options!r}."
             )
+        provided: dict[str, object] = {"tasks": list(tasks)}
+        if level is not None:
+            provided["level"] = level
         method = call_with_options(
             BALANCERS.get(base),
             dict(base_options or {}),
             where="balancer.options.base_options",
-            provided={"tasks": list(self.task_names), "level": level},
+            provided=provided,
         )
         if not isinstance(method, GramianWeighting):
             raise ConfigError(
@@ -95,9 +100,14 @@ class CRMOGM(GradientBalancer):
                 "w @ J with weights from the rows; choose one such as mgda, upgrad, cagrad, "
                 "nash_mtl, imtl_g or fairgrad."
             )
+        super().__init__(tasks, method.level)
+        self.beta = beta
         self.base_name = base
         self.base = method
         self.needs_representation = method.needs_representation
+        # the base's learnable parameters (IMTL's scales) are this method's sub-module's
+        self.lr = method.lr
+        self.needs_post_step_losses = method.needs_post_step_losses
         #: the averaged weights (float64, K; NaN for a task never seen)
         self.average = torch.full((len(self.task_names),), float("nan"), dtype=torch.float64)
 
@@ -106,6 +116,15 @@ class CRMOGM(GradientBalancer):
 
     def diagnostics(self) -> Mapping[str, Tensor]:
         return self.base.diagnostics()
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.base.on_epoch_start(epoch)
+
+    def on_epoch_end(self, epoch: int, train_losses: Mapping[str, float]) -> None:
+        self.base.on_epoch_end(epoch, train_losses)
+
+    def after_optimizer_step(self, losses: Mapping[str, Tensor] | None = None) -> None:
+        self.base.after_optimizer_step(losses)
 
     def backward(self, losses: Mapping[str, Tensor], ctx: BackwardContext) -> dict[str, Tensor]:
         base = self.base
