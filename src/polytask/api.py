@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, from_dict, load_config, to_dict
-from .errors import ConfigError
+from .errors import ConfigError, PolytaskError
 from .evaluation import EvalResult, evaluate
 from .fsio import make_dir
 from .training.build import build_components
 from .training.checkpoint import check_model_signature, load_checkpoint
+from .training.distributed import Distributed, check_batch_size, init_from_environment
 from .training.rundir import DirectoryLock, RunDirectory, lock_holder, new_run_path
 from .training.trainer import StepEnd, Trainer
 
@@ -51,7 +52,12 @@ def train(
             config = load_config(to_dict(config), overrides)
     else:
         config = load_config(config, overrides)
+    dist_info = init_from_environment(config.train.device)
+    if dist_info.active:
+        check_batch_size(config.data.batch_size, dist_info.world)
     components = build_components(config)  # fails on bad input before anything is written
+    if dist_info.active:
+        return _train_distributed(dist_info, config, components, run_dir, step_callbacks, console)
     path = Path(run_dir) if run_dir is not None else new_run_path(config.output_dir, config.name)
     RunDirectory.check_new(path)  # refused before anything is written
     make_dir(path, "create the run directory")
@@ -59,6 +65,61 @@ def train(
         run = RunDirectory.create(path, to_dict(config))
         trainer = Trainer(components, run, step_callbacks=step_callbacks, console=console)
         return run, trainer.fit()
+
+
+def _agreed(dist_info: Distributed, value: Any, error: str | None) -> Any:
+    """Rank 0's ``value`` (or its error, raised on every rank) on every process."""
+    import torch.distributed as dist
+
+    box = [(value, error)]
+    dist.broadcast_object_list(box, src=0)
+    value, error = box[0]
+    if error is not None:
+        if dist_info.is_writer:
+            raise ConfigError(error)
+        raise ConfigError(f"rank 0 could not start the run: {error}")
+    return value
+
+
+def _train_distributed(
+    dist_info: Distributed,
+    config: Config,
+    components: Any,
+    run_dir: str | Path | None,
+    step_callbacks: Sequence[Callable[[StepEnd], None]],
+    console: bool,
+) -> tuple[RunDirectory, dict[str, Any]]:
+    """A data-parallel run: rank 0 creates, locks and writes the run directory; the others
+    receive its path and write nothing."""
+    lock: DirectoryLock | None = None
+    value: Any = None
+    error: str | None = None
+    if dist_info.is_writer:
+        try:
+            path = (
+                Path(run_dir)
+                if run_dir is not None
+                else new_run_path(config.output_dir, config.name)
+            )
+            RunDirectory.check_new(path)
+            make_dir(path, "create the run directory")
+            lock = DirectoryLock(path).acquire()
+            RunDirectory.create(path, to_dict(config))
+            value = str(path)
+        except PolytaskError as exc:
+            error = str(exc)
+            if lock is not None:
+                lock.release()
+    path = Path(_agreed(dist_info, value, error))
+    run = RunDirectory(path)
+    try:
+        trainer = Trainer(
+            components, run, step_callbacks=step_callbacks, console=console, distributed=dist_info
+        )
+        return run, trainer.fit()
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def resume(
@@ -87,6 +148,10 @@ def resume(
             f"{run.path} has no checkpoint yet (it stopped before its first one); start it again "
             "with `polytask train`."
         )
+    dist_info = init_from_environment(config.train.device)
+    if dist_info.active:
+        check_batch_size(config.data.batch_size, dist_info.world)
+        return _resume_distributed(dist_info, run, components, changes, step_callbacks, console)
     with DirectoryLock(run.path) as lock:  # one writer per run directory
         if run.read_results() is not None:  # finished by another process meanwhile
             raise ConfigError(
@@ -103,6 +168,40 @@ def resume(
             described = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
             trainer.log.warning(f"continuing with changed configuration: {described}")
         return trainer.fit(resume=True)
+
+
+def _resume_distributed(
+    dist_info: Distributed,
+    run: RunDirectory,
+    components: Any,
+    changes: Mapping[str, tuple[Any, Any]],
+    step_callbacks: Sequence[Callable[[StepEnd], None]],
+    console: bool,
+) -> dict[str, Any]:
+    """Resume on several processes (the run may have been trained on any number)."""
+    lock: DirectoryLock | None = None
+    error: str | None = None
+    if dist_info.is_writer:
+        try:
+            lock = DirectoryLock(run.path).acquire()
+            run.accept_config(changes)
+        except PolytaskError as exc:
+            error = str(exc)
+            if lock is not None:
+                lock.release()
+                lock = None
+    _agreed(dist_info, True, error)
+    try:
+        trainer = Trainer(
+            components, run, step_callbacks=step_callbacks, console=console, distributed=dist_info
+        )
+        if changes:
+            described = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+            trainer.log.warning(f"continuing with changed configuration: {described}")
+        return trainer.fit(resume=True)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def evaluate_run(

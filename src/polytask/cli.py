@@ -78,8 +78,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .report.run_report import results_table
 
     run, results = train(args.config, args.overrides, run_dir=args.run_dir, console=not args.quiet)
-    print(results_table(results, "test"))
-    print(f"run directory: {run.path}")
+    if _is_writer():
+        print(results_table(results, "test"))
+        print(f"run directory: {run.path}")
     return 0
 
 
@@ -89,8 +90,16 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
     allow = [k.strip() for keys in args.allow_change for k in keys.split(",") if k.strip()]
     results = resume(args.run_dir, console=not args.quiet, allow_change=allow)
-    print(results_table(results, "test"))
+    if _is_writer():
+        print(results_table(results, "test"))
     return 0
+
+
+def _is_writer() -> bool:
+    """Whether this process prints results: rank 0 of a torchrun job, or a single process."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -227,6 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    rank = _rank_prefix()
     try:
         if args.command in STOPPABLE:
             from .training.stopping import stop_on_signals
@@ -235,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return COMMANDS[args.command](args)
         return COMMANDS[args.command](args)
     except PolytaskError as exc:
-        print(f"polytask: error: {exc}", file=sys.stderr)
+        print(f"polytask: error: {rank}{exc}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:  # a file system failure outside polytask's own writers
         from .fsio import file_system_error
@@ -261,6 +271,37 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    except Exception as exc:
+        if not rank:
+            raise
+        # one process of a torchrun job: name the rank and the cause; torchrun then ends the
+        # other processes (a collective with a lost peer fails on them too)
+        print(
+            f"polytask: error: {rank}{type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        _leave_process_group()
+
+
+def _rank_prefix() -> str:
+    """``[rank R of N] `` in a process started by torchrun with several processes."""
+    import os
+
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1:
+        return f"[rank {os.environ.get('RANK', '?')} of {world}] "
+    return ""
+
+
+def _leave_process_group() -> None:
+    if "torch.distributed" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

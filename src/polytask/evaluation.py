@@ -105,8 +105,14 @@ def evaluate(
     split_name: str = "evaluated",
     input_shape: tuple[int, ...] | None = None,
     integer_inputs: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> EvalResult:
     """Evaluate ``model`` on a whole split; metrics are exact over the split.
+
+    ``shard=(rank, world)``: in a data-parallel run, this process evaluates the ``rank``-th
+    contiguous part of the split (every sample in exactly one part) and the metrics' states
+    and the loss sums are merged over the processes (every process gets the whole split's
+    values).
 
     ``progress(total, desc)``, when given, shows the progress over the split's batches.
     Every batch is checked first (:func:`polytask.data.checks.check_batch`; ``split_name``,
@@ -116,6 +122,8 @@ def evaluate(
     was_training = model.training
     model.eval()
     datasets = split_datasets(split, tasks)
+    if shard is not None:
+        datasets = {k: _shard_dataset(d, *shard) for k, d in datasets.items()}
     sizes = {k: len(d) for k, d in datasets.items()}
     steps = epoch_schedule(
         sizes, batch_size=batch_size, seed=0, epoch=0, shuffle=False, strategy="round_robin"
@@ -157,6 +165,15 @@ def evaluate(
         model.train(was_training)
         if bar is not None:
             bar.close()
+    if shard is not None:
+        import torch.distributed as dist
+
+        sums = torch.tensor([[loss_sum[t], loss_count[t]] for t in tasks], dtype=torch.float64)
+        sums = sums.to(device)
+        dist.all_reduce(sums)
+        for i, task_name in enumerate(tasks):
+            loss_sum[task_name] = float(sums[i, 0])
+            loss_count[task_name] = float(sums[i, 1])
     values: dict[str, dict[str, float]] = {}
     details: dict[str, dict[str, list[float | None]]] = {}
     for name, task_metrics in metrics.items():
@@ -172,6 +189,18 @@ def evaluate(
         for name in tasks
     }
     return EvalResult(metrics=values, losses=losses, details=details)
+
+
+def _shard_dataset(dataset: Any, rank: int, world: int) -> Any:
+    """The ``rank``-th contiguous part of ``dataset`` (a data set's own ``collate`` kept)."""
+    from torch.utils.data import Subset
+
+    n = len(dataset)
+    part: Any = Subset(dataset, range(rank * n // world, (rank + 1) * n // world))
+    collate = getattr(dataset, "collate", None)
+    if collate is not None:
+        part.collate = collate
+    return part
 
 
 # -- chance level: the scores of a constant predictor ----------------------------------------

@@ -208,9 +208,18 @@ class GradientBalancer(Balancer):
         self._gramian, self._gramian_of = gramian, jacobian
         return gramian
 
+    #: set by a multi-process trainer: makes the Jacobian global (an object with
+    #: ``gather(jacobian, level)`` and ``local_part(combined)``; see
+    #: :class:`polytask.training.distributed.JacobianSync`); None in a single process
+    collective: Any = None
+
     def synchronize(self, jacobian: Tensor) -> Tensor:
-        """The single point where per-task gradients are complete (multi-process hook)."""
-        return jacobian
+        """The single point where per-task gradients are complete (multi-process hook):
+        the global Jacobian, in one collective, when :attr:`collective` is set."""
+        if self.collective is None:
+            return jacobian
+        gathered: Tensor = self.collective.gather(jacobian, self.level)
+        return gathered
 
     def diagnostics(self) -> Mapping[str, Tensor]:
         return self._diagnostics
@@ -255,6 +264,8 @@ class GradientBalancer(Balancer):
             if own is not None:
                 _accumulate(param, own)
         if self.level == "feature":
+            if self.collective is not None:  # this process's columns of the global result
+                combined = self.collective.local_part(combined)
             pieces = _unflatten(combined, originals)
             torch.autograd.backward(originals, grad_tensors=pieces)
         else:

@@ -9,6 +9,7 @@ on the CPU in deterministic mode).
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence, Sized
@@ -37,6 +38,7 @@ from ..models.base import MultiTaskModel, capture_representation
 from ..progress import Progress
 from .build import Components, check_selection, resolve_shared
 from .checkpoint import FORMAT, check_model_signature, load_checkpoint, model_signature, save_atomic
+from .distributed import Distributed, JacobianSync, check_shards, shard_step
 from .rundir import RunDirectory
 from .seeding import capture_rng_state, restore_rng_state, seed_everything, set_deterministic
 from .stopping import RunStopped, set_current_run, stop_requested
@@ -79,6 +81,8 @@ class Trainer:
         run: the run directory (created by the caller; see :mod:`.rundir`).
         step_callbacks: called after every optimizer step with a :class:`StepEnd`.
         console: also log to stderr.
+        distributed: the process group of a data-parallel run (see :mod:`.distributed`);
+            only its rank 0 writes the run directory.
     """
 
     def __init__(
@@ -88,12 +92,25 @@ class Trainer:
         *,
         step_callbacks: Sequence[Callable[[StepEnd], None]] = (),
         console: bool = True,
+        distributed: Distributed | None = None,
     ) -> None:
         self.c = components
         self.cfg: Config = components.config
         self.run = run
         self.step_callbacks = list(step_callbacks)
-        self.log = run.logger(console=console)
+        self.dist = distributed if distributed is not None else Distributed()
+        if self.dist.is_writer:
+            self.log = run.logger(console=console)
+        else:  # the other ranks write nothing, not even a log
+            self.log = logging.getLogger(f"polytask.rank{self.dist.rank}")
+            self.log.propagate = False
+            if not self.log.handlers:
+                self.log.addHandler(logging.NullHandler())
+        if self.dist.active:
+            components.balancer.loss_reducer = self.dist.mean_losses
+            if isinstance(components.balancer, GradientBalancer):
+                components.balancer.collective = JacobianSync(self.dist)
+        self._factors: Tensor | None = None
         self.state = _State()
         self.scaler = (
             torch.amp.GradScaler(components.device.type)
@@ -150,7 +167,10 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Write ``last.pt``, never with a NaN or infinite tensor: a diverged model or
-        optimizer state raises :class:`TrainingDiverged` and the last good checkpoint stays."""
+        optimizer state raises :class:`TrainingDiverged` and the last good checkpoint stays.
+        Only rank 0 writes (every rank holds the same state)."""
+        if not self.dist.is_writer:
+            return
         state = self.checkpoint_state()
         bad = _non_finite(state["model"], "model") or _non_finite(state["optimizer"], "optimizer")
         if bad is not None:
@@ -222,11 +242,13 @@ class Trainer:
         seed_everything(cfg.seed)
         try:
             if resume:
-                for stale in self.run.remove_stale_temporaries():
-                    self.log.info(f"removed {stale}, the temporary file of a write cut short")
+                if self.dist.is_writer:
+                    for stale in self.run.remove_stale_temporaries():
+                        self.log.info(f"removed {stale}, the temporary file of a write cut short")
                 self.load_checkpoint()
-                for note in self.run.truncate_metrics(self.state.epoch):
-                    self.log.warning(note)
+                if self.dist.is_writer:
+                    for note in self.run.truncate_metrics(self.state.epoch):
+                        self.log.warning(note)
                 self.log.info(
                     f"resuming {self.run.path} at epoch {self.state.epoch + 1}, "
                     f"step {self.state.step_in_epoch}"
@@ -287,7 +309,7 @@ class Trainer:
         the resumed run equals an uninterrupted one bit for bit: a checkpoint holds the
         position in the epoch, its running sums and every random state.
         """
-        signum = stop_requested()
+        signum = self._stop_signal()
         if signum is None:
             return
         s, every = self.state, self.cfg.train.checkpoint_every_steps
@@ -308,6 +330,16 @@ class Trainer:
             )
         self.log.warning(f"stopped by {name} at {at}; resume goes on from {detail}")
         raise RunStopped(signum, run_path=self.run.path, detail=detail)
+
+    def _stop_signal(self) -> int | None:
+        """The signal that asked to stop, agreed by every process (one collective per call
+        in a data-parallel run: all processes stop at the same step)."""
+        signum = stop_requested()
+        if not self.dist.active:
+            return signum
+        flag = torch.tensor([signum or 0], dtype=torch.int64)
+        self.dist.all_reduce_max(flag)
+        return int(flag) or None
 
     def _log_cost(self) -> None:
         """State what a step of a gradient method costs, before it is paid: a warning at the
@@ -337,6 +369,10 @@ class Trainer:
             drop_last=cfg.data.drop_last,
             strategy=cfg.data.sampling,
         )
+        local_steps = steps
+        if self.dist.active:
+            check_shards(steps, self.dist.world, f"epoch {epoch + 1} of the train split")
+            local_steps = [shard_step(st, self.dist.rank, self.dist.world) for st in steps]
         start = s.step_in_epoch
         c.model.train()
         started = time.perf_counter()
@@ -349,13 +385,13 @@ class Trainer:
         )
         batches_iter = iterate_batches(
             datasets,
-            steps[start:],
+            local_steps[start:],
             num_workers=cfg.data.num_workers,
             seed=cfg.seed * 100_003 + epoch,
             pin_memory=c.device.type == "cuda",
         )
         every = cfg.train.checkpoint_every_steps
-        for step, batches in zip(steps[start:], batches_iter, strict=True):
+        for step, batches in zip(local_steps[start:], batches_iter, strict=True):
             check_step(
                 batches,
                 step,
@@ -373,7 +409,7 @@ class Trainer:
                 s.train_time_s += time.perf_counter() - started
                 started = time.perf_counter()
                 self.save_checkpoint()
-            if s.step_in_epoch < len(steps) and stop_requested() is not None:
+            if s.step_in_epoch < len(steps) and self._stop_signal() is not None:
                 s.train_time_s += time.perf_counter() - started
                 started = time.perf_counter()
                 self._stop_if_requested(
@@ -412,6 +448,28 @@ class Trainer:
                     f"{stacked[[list(losses).index(b) for b in bad]].tolist()}"
                 )
             )
+        sums: dict[str, Tensor] | None = None
+        if self.dist.active:
+            # the step's global counts and loss sums (one collective); each process's loss is
+            # rescaled so that the mean over processes of any gradient is the single-process one
+            local_n = torch.stack([counts[t].double() for t in losses])
+            both = torch.cat([local_n, local_n * stacked.double()])
+            self.dist.all_reduce_sum(both)
+            k = len(losses)
+            total_n = both[:k]
+            factors = local_n * self.dist.world / total_n.clamp_min(1.0)
+            self._factors = factors
+            sums = {t: both[k + i] for i, t in enumerate(losses)}
+            counts = {t: total_n[i] for i, t in enumerate(losses)}
+            # the value of each loss is the global one (what the balancer reads: a method whose
+            # weights depend on the losses' values, such as FAMO's log, sees the single-process
+            # values), its gradient this process's share of the global gradient
+            means = both[k:] / total_n.clamp_min(1.0)
+            scaled = {t: losses[t] * factors[i].to(losses[t].dtype) for i, t in enumerate(losses)}
+            losses = {
+                t: scaled[t] - scaled[t].detach() + means[i].to(scaled[t].dtype)
+                for i, t in enumerate(losses)
+            }
         present = losses
         if masked:  # a task without any label in this batch contributes nothing to it
             labelled = torch.stack([counts[t] for t in losses]).tolist()
@@ -432,6 +490,8 @@ class Trainer:
                 ctx.scale(penalty).backward(retain_graph=True)  # type: ignore[no-untyped-call]
             weights = c.balancer.backward(present, ctx)
             del representation, outputs
+            if self.dist.active:
+                self.dist.average_gradients(self._averaged_parameters())
             gram = c.balancer.diagnostics().get("gramian")
             if gram is not None and len(present) == len(names):
                 norms = gram.diagonal().clamp_min(0).sqrt().double()
@@ -447,7 +507,10 @@ class Trainer:
             c.balancer.after_optimizer_step(post)
         for t, loss in present.items():
             i = names.index(t)
-            self._acc["loss_sum"][i] += loss.detach().double() * counts[t]
+            if sums is not None:
+                self._acc["loss_sum"][i] += sums[t].to(self._acc["loss_sum"].device)
+            else:
+                self._acc["loss_sum"][i] += loss.detach().double() * counts[t]
             self._acc["loss_count"][i] += counts[t]
             if t in weights:
                 self._acc["weight_sum"][i] += weights[t].double()
@@ -469,11 +532,26 @@ class Trainer:
             outputs = list(forward_step(c.model, c.tasks, batches))
         for name, b in c.model.named_buffers():
             b.copy_(buffers[name])
-        return {
+        post = {
             name: c.tasks[name].compute_loss(pred.float(), target, mask)
             for name, pred, target, mask in outputs
             if name in present
         }
+        if self.dist.active and self._factors is not None:  # rescaled like the step's losses
+            order = [n for n, *_ in outputs]
+            post = {t: v * self._factors[order.index(t)].to(v.dtype) for t, v in post.items()}
+        return post
+
+    def _averaged_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters whose gradients are averaged over processes after the backward
+        pass: all of the model's and the balancer's, except the shared parameters of a
+        gradient method at the parameter level (their combined gradient is already global)."""
+        balancer = self.c.balancer
+        skip: set[int] = set()
+        if isinstance(balancer, GradientBalancer) and balancer.level == "parameter":
+            skip = {id(p) for p in self._shared}
+        params = [p for p in self.c.model.parameters() if p.requires_grad and id(p) not in skip]
+        return params + [p for p in balancer.parameters() if p.requires_grad]
 
     def _optimizer_step(self) -> None:
         opt = self.c.optimizer
@@ -507,6 +585,7 @@ class Trainer:
             split_name=split,
             input_shape=self._input_shape,
             integer_inputs=self._integer_inputs,
+            shard=(self.dist.rank, self.dist.world) if self.dist.active else None,
         )
 
     def _score(self, result: EvalResult) -> tuple[float, bool]:
@@ -541,6 +620,7 @@ class Trainer:
         n_diag = float(acc["diag_count"])
         lr = float(c.optimizer.param_groups[0]["lr"])
         c.scheduler.step()
+        self.dist.broadcast_buffers(c.model)  # rank 0's BatchNorm statistics everywhere
         val = self._evaluate("val")
         score, higher = self._score(val)
         record: dict[str, Any] = {
@@ -571,8 +651,10 @@ class Trainer:
         improved = s.best_score is None or (
             score > s.best_score if higher else score < s.best_score
         )
-        if improved and math.isfinite(score) and _non_finite(c.model.state_dict(), "") is None:
+        chosen = improved and math.isfinite(score) and _non_finite(c.model.state_dict(), "") is None
+        if chosen:
             s.best_score, s.best_epoch = score, epoch
+        if chosen and self.dist.is_writer:
             save_atomic(
                 {
                     "format": FORMAT,
@@ -595,7 +677,8 @@ class Trainer:
                 )
             )
         s.history.append({"epoch": epoch, "score": score})
-        self.run.append_metrics(record)
+        if self.dist.is_writer:
+            self.run.append_metrics(record)
         self._log_epoch(record)
         s.epoch += 1
         s.step_in_epoch = 0
@@ -610,7 +693,7 @@ class Trainer:
         for line in epoch_log_lines(record, self.cfg.train.epochs):
             self.log.info(line)
         val = record["val"]["metrics"]
-        if self.cfg.train.tensorboard:
+        if self.cfg.train.tensorboard and self.dist.is_writer:
             writer = self._tensorboard()
             for t, v in record["train"]["loss"].items():
                 writer.add_scalar(f"train_loss/{t}", v, epoch)
@@ -639,6 +722,7 @@ class Trainer:
         """Evaluate by the selection protocol, write ``results.json`` and the report."""
         cfg, c, s = self.cfg, self.c, self.state
         sel = cfg.train.selection
+        self.dist.barrier()  # rank 0's metrics and checkpoints are written
         records = self.run.read_metrics()
         selection: dict[str, Any] = {"protocol": sel.protocol, "metric": sel.metric}
         if sel.protocol == "mean_last":
@@ -687,6 +771,8 @@ class Trainer:
                 "value": delta_m(test["metrics"], c.baseline, conv),
                 "baseline_source": c.baseline.source,
             }
+        if not self.dist.is_writer:  # the other ranks took part in the evaluations
+            return results
         try:  # a warning threshold for reports, never a reason to lose the results
             chance, chance_from = chance_level(
                 c.tasks,

@@ -1,0 +1,178 @@
+"""Data parallelism (torchrun, gloo on the CPU): N steps on 2 processes, each with half of
+every batch, equal N steps on one process with the whole batch, to rounding; resume across
+process counts; one failing process stops the job."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from helpers import tiny_config_dict
+from polytask.api import resume, train
+from polytask.training.checkpoint import load_checkpoint
+
+RUNNER = Path(__file__).with_name("ddp_runner.py")
+
+
+class Stop(Exception):
+    """Raised by :func:`stop_at`'s callback: the run stops as if its process died there."""
+
+
+def stop_at(step: int) -> Callable[[Any], None]:
+    def callback(info: Any) -> None:
+        if info.global_step + 1 == step:
+            raise Stop
+
+    return callback
+
+
+#: (name, overrides): loss-level state, gradient methods at both levels
+METHODS: list[tuple[str, dict[str, Any]]] = [
+    ("equal", {"balancer.name": "equal"}),
+    ("uncertainty", {"balancer.name": "uncertainty"}),
+    ("dwa", {"balancer.name": "dwa"}),
+    ("famo", {"balancer.name": "famo"}),
+    ("pcgrad_parameter", {"balancer.name": "pcgrad"}),
+    ("pcgrad_feature", {"balancer.name": "pcgrad", "balancer.options": {"level": "feature"}}),
+    ("mgda_parameter", {"balancer.name": "mgda"}),
+    ("mgda_feature", {"balancer.name": "mgda", "balancer.options": {"level": "feature"}}),
+    ("nash_parameter", {"balancer.name": "nash_mtl"}),
+    ("nash_feature", {"balancer.name": "nash_mtl", "balancer.options": {"level": "feature"}}),
+]
+
+
+def config(output: Path, **overrides: Any) -> dict[str, Any]:
+    """MultiDigits through an MLP (no BatchNorm: its statistics are per process); 64
+    samples, batches of 16 (8 per process): 4 steps an epoch, 2 epochs; val and test of 30
+    samples (shards of 15, not a multiple of the batch)."""
+    base = {
+        "data.options": {"n_train": 64, "n_val": 30, "n_test": 30},
+        "data.batch_size": 16,
+        "data.eval_batch_size": 8,
+        "model.backbone": "mlp",
+        "model.backbone_options": {"hidden": [16]},
+        "train.device": "cpu",
+    }
+    return tiny_config_dict(output, **{**base, **overrides})
+
+
+def torchrun(plan: list[dict[str, Any]], folder: Path, n: int = 2) -> subprocess.CompletedProcess:
+    path = folder / "plan.json"
+    path.write_text(json.dumps(plan), encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "POLYTASK_DIST_TIMEOUT_S": "60"}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n)]
+    cmd += ["--standalone", str(RUNNER), str(path)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def assert_same_state(one: Path, two: Path) -> None:
+    a, b = (
+        load_checkpoint(one / "checkpoints/last.pt"),
+        load_checkpoint(two / "checkpoints/last.pt"),
+    )
+    for key in ("model", "balancer"):
+        assert a[key].keys() == b[key].keys()
+        for name, value in a[key].items():
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(b[key][name], value, rtol=1e-4, atol=1e-5, msg=name)
+            else:
+                assert _close(b[key][name], value), (key, name, value, b[key][name])
+    for name, value in a["accumulators"].items():
+        torch.testing.assert_close(b["accumulators"][name], value, rtol=1e-5, atol=1e-6)
+    assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"])
+    ra = json.loads((one / "results.json").read_text())
+    rb = json.loads((two / "results.json").read_text())
+    for split in ("val", "test"):
+        assert _close(rb[split]["metrics"], ra[split]["metrics"]), split
+        assert _close(rb[split]["losses"], ra[split]["losses"], tol=1e-4), split
+
+
+def _close(x: Any, y: Any, tol: float = 1e-5) -> bool:
+    if isinstance(x, dict):
+        return x.keys() == y.keys() and all(_close(x[k], y[k], tol) for k in x)
+    if isinstance(x, list | tuple):
+        return len(x) == len(y) and all(_close(u, v, tol) for u, v in zip(x, y, strict=True))
+    if isinstance(x, torch.Tensor):
+        return torch.allclose(x.double(), torch.as_tensor(y).double(), rtol=tol, atol=tol)
+    if isinstance(x, float):
+        return abs(x - y) <= tol * (1 + abs(y))
+    return bool(x == y)
+
+
+#: the interrupted runs: a checkpoint every 3 steps (mid-epoch: 4 steps an epoch), stopped at
+#: global step 6; resumed from the checkpoint at step 3
+INTERRUPTED = {"balancer.name": "uncertainty", "train.checkpoint_every_steps": 3}
+STOP_AT = 6
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every method's 2-process run, a run interrupted on 1 process and resumed on 2, and a
+    run interrupted on 2 processes (resumed on 1 by the test), in one torchrun job."""
+    folder = tmp_path_factory.mktemp("ddp")
+    one_then_two = folder / "single" / "one_then_two"
+    with pytest.raises(Stop):
+        train(
+            config(folder, **INTERRUPTED),
+            run_dir=one_then_two,
+            console=False,
+            step_callbacks=[stop_at(STOP_AT)],
+        )
+    plan: list[dict[str, Any]] = [
+        {"run_dir": str(folder / "two" / name), "config": config(folder, **overrides)}
+        for name, overrides in METHODS
+    ]
+    plan.append(
+        {
+            "run_dir": str(folder / "two" / "two_then_one"),
+            "config": config(folder, **INTERRUPTED),
+            "stop_at": STOP_AT,
+        }
+    )
+    plan.append({"run_dir": str(one_then_two), "resume": True})
+    done = torchrun(plan, folder)
+    assert done.returncode == 0, "\n".join(
+        line for line in done.stderr.splitlines() if "rror" in line or "rank" in line
+    )
+    return folder
+
+
+@pytest.mark.parametrize(("name", "overrides"), METHODS, ids=[m[0] for m in METHODS])
+def test_two_processes_equal_one(
+    two_process_runs: Path, tmp_path: Path, name: str, overrides: dict[str, Any]
+) -> None:
+    one = tmp_path / name
+    train(config(tmp_path, **overrides), run_dir=one, console=False)
+    two = two_process_runs / "two" / name
+    assert_same_state(one, two)
+    # only rank 0 wrote: one log, one lock file, nothing from rank 1
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+
+
+def test_resume_across_process_counts(two_process_runs: Path, tmp_path: Path) -> None:
+    reference = tmp_path / "uninterrupted"
+    train(config(tmp_path, **INTERRUPTED), run_dir=reference, console=False)
+    # interrupted on 1 process, resumed on 2
+    assert_same_state(reference, two_process_runs / "single" / "one_then_two")
+    # interrupted on 2 processes, resumed on 1
+    two_then_one = two_process_runs / "two" / "two_then_one"
+    resume(two_then_one, console=False)
+    assert_same_state(reference, two_then_one)
+
+
+def test_batch_size_not_divisible(tmp_path: Path) -> None:
+    plan = [
+        {"run_dir": str(tmp_path / "run"), "config": config(tmp_path, **{"data.batch_size": 15})}
+    ]
+    done = torchrun(plan, tmp_path)
+    assert done.returncode != 0
+    assert "not divisible by the 2 processes" in done.stderr
