@@ -1,13 +1,15 @@
 """Data parallelism (torchrun, gloo on the CPU): N steps on 2 processes, each with half of
 every batch, equal N steps on one process with the whole batch, to rounding; resume across
-process counts; one failing process stops the job."""
+process counts; one killed process stops the job, its checkpoint intact."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -176,3 +178,57 @@ def test_batch_size_not_divisible(tmp_path: Path) -> None:
     done = torchrun(plan, tmp_path)
     assert done.returncode != 0
     assert "not divisible by the 2 processes" in done.stderr
+
+
+def test_killed_process_stops_the_job(tmp_path: Path) -> None:
+    """Rank 1 killed mid-run: the job ends, torchrun names rank 1 and its signal as the
+    root cause, and the last checkpoint (written by rank 0) loads."""
+    cfg = config(tmp_path, **{"data.options": {"n_train": 4096, "n_val": 30, "n_test": 30}})
+    cfg["train"].update({"epochs": 3, "checkpoint_every_steps": 20})
+    path = tmp_path / "kill.yaml"
+    path.write_text(json.dumps(cfg), encoding="utf-8")
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "POLYTASK_DIST_TIMEOUT_S": "60"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+    cmd += ["2", "-m", "polytask", "train", str(path), "--quiet", "--run-dir", str(run_dir)]
+    job = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "checkpoints" / "last.pt").exists():
+            assert job.poll() is None and time.monotonic() < deadline, "no checkpoint written"
+            time.sleep(0.2)
+        os.kill(_rank_pid(job.pid, 1), signal.SIGKILL)
+        output, _ = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode != 0
+    root = output[output.index("Root Cause") :]
+    assert "rank      : 1" in root and "SIGKILL" in root, output[-3000:]
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["global_step"] >= 20
+
+
+def _rank_pid(parent: int, rank: int) -> int:
+    """The pid of the process of ``rank`` among the descendants of ``parent`` (Linux)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                environ = (entry / "environ").read_bytes().split(b"\0")
+                status = (entry / "status").read_text()
+            except OSError:
+                continue
+            ppid = int(status.split("PPid:")[1].split()[0])
+            if f"RANK={rank}".encode() in environ and ppid in (parent, *_children(parent)):
+                return int(entry.name)
+        time.sleep(0.1)
+    raise AssertionError(f"no process of rank {rank}")
+
+
+def _children(parent: int) -> list[int]:
+    path = Path(f"/proc/{parent}/task/{parent}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
