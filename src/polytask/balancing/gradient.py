@@ -393,15 +393,22 @@ class GramianWeighting(GradientBalancer):
     def weights_from_gramian(self, gramian: Tensor) -> Tensor:
         """The K weights for the Gramian ``G = J J^T`` (float64 on the Jacobian's device)."""
 
-    def aggregate(self, jacobian: Tensor, tasks: Sequence[str]) -> tuple[Tensor, Tensor]:
+    @contextmanager
+    def rows_precision(self, jacobian: Tensor) -> Iterator[None]:
+        """Within the block, :attr:`input_eps` is the precision of ``jacobian``'s rows (every
+        ``aggregate`` of a Gramian method computes its weights inside it)."""
         eps = float(torch.finfo(jacobian.dtype).eps)
         if self.gramian_precision == "float32":
             eps = max(eps, float(torch.finfo(torch.float32).eps))
         self.input_eps = eps
         try:
-            weights = self.weights_from_gramian(self.gramian(jacobian)).to(jacobian.dtype)
+            yield
         finally:
             self.input_eps = GramianWeighting.input_eps
+
+    def aggregate(self, jacobian: Tensor, tasks: Sequence[str]) -> tuple[Tensor, Tensor]:
+        with self.rows_precision(jacobian):
+            weights = self.weights_from_gramian(self.gramian(jacobian)).to(jacobian.dtype)
         return weights @ jacobian, weights
 
     def get_extra_state(self) -> dict[str, Any]:

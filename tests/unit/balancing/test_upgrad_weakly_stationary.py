@@ -104,3 +104,28 @@ def test_each_projection_is_optimal_in_float64() -> None:
         assert bool((grad >= -slack).all())
         x = y - torch.eye(K, dtype=torch.float64)
         assert bool(((x.abs() * grad.abs()) <= slack * (1 + x.abs())).all())
+
+
+@pytest.mark.parametrize("name", ["upgrad", "dualproj", "aligned_mtl", "pcgrad", "mgda"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_every_gramian_method_sees_the_precision_of_its_rows(
+    name: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``input_eps`` inside a Gramian method's weights is the epsilon of the Jacobian's dtype,
+    whichever ``aggregate`` computes them (plain or per-task Gramian weightings)."""
+    method = BALANCERS.get(name)(tasks=["a", "b", "c"])
+    assert isinstance(method, GramianWeighting)
+    seen: list[float] = []
+    hook = "weights_for" if hasattr(method, "weights_for") else "weights_from_gramian"
+    original = getattr(method, hook)
+
+    def record(*args: object) -> Tensor:
+        seen.append(method.input_eps)
+        result: Tensor = original(*args)
+        return result
+
+    monkeypatch.setattr(method, hook, record)
+    j = torch.randn(3, 8, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    method.aggregate(j, ["a", "b", "c"])
+    assert seen == [float(torch.finfo(dtype).eps)]
+    assert method.input_eps == float(torch.finfo(torch.float64).eps)  # reset afterwards

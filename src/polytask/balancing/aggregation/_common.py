@@ -114,7 +114,8 @@ class TaskGramianWeighting(GramianWeighting):
         return self.weights_for(gramian, self.task_names[: gramian.shape[0]])
 
     def aggregate(self, jacobian: Tensor, tasks: Sequence[str]) -> tuple[Tensor, Tensor]:
-        weights = self.weights_for(self.gramian(jacobian), tasks).to(jacobian.dtype)
+        with self.rows_precision(jacobian):
+            weights = self.weights_for(self.gramian(jacobian), tasks).to(jacobian.dtype)
         return weights @ jacobian, weights
 
     def get_extra_state(self) -> dict[str, Any]:
