@@ -59,6 +59,12 @@ def run_cli(
         if pid == 0:  # the child: never returns into pytest
             code = 1
             try:
+                # the parent's OpenMP thread pool does not survive fork(): a child entering a
+                # parallel region with it waits forever (as DataLoader workers, run on one
+                # thread)
+                import torch
+
+                torch.set_num_threads(1)
                 os.dup2(out.fileno(), 1)
                 os.dup2(err.fileno(), 2)
                 # pytest replaces sys.stdout / sys.stderr with its capture: write to the fds
