@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 from cli_harness import assert_refused, assert_unchanged, run_cli, snapshot
 from tiny_runs import assert_same_run, config_dict, copy_run, train_finished, train_interrupted
@@ -38,6 +39,7 @@ def _fork(body: Callable[[], Any]) -> int:
     if pid == 0:  # never returns into pytest
         code = 1
         try:
+            torch.set_num_threads(1)  # the parent's OpenMP pool does not survive fork()
             body()
             code = 0
         except BaseException:
