@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -58,8 +59,9 @@ def task_vector_option(
 class _Fixed(TaskGramianWeighting):
     """Weights that do not depend on the gradients (only on which tasks are present)."""
 
+    @abstractmethod
     def _fixed(self, tasks: Sequence[str]) -> list[float]:
-        raise NotImplementedError
+        """The weights of ``tasks`` (the rows of this step, in order)."""
 
     def weights_for(self, gramian: Tensor, tasks: Sequence[str]) -> Tensor:
         task_indices(self.task_names, tasks)
