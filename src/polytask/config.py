@@ -31,6 +31,7 @@ __all__ = [
     "OptimConfig",
     "SchedulerConfig",
     "SelectionConfig",
+    "TaskConfig",
     "TrainConfig",
     "apply_overrides",
     "from_dict",
@@ -165,6 +166,36 @@ class EvalConfig:
 
 
 @dataclass
+class TaskConfig:
+    """Settings of one task, ``task_settings.NAME``: a task of the data set, or one added.
+
+    See docs/configuration.md ("Task settings") and docs/concepts.md ("Auxiliary tasks").
+    """
+
+    #: add a task the data set lacks, built by a builder registered in
+    #: ``polytask.auxiliary.AUXILIARY_TASKS`` (``reconstruction``: the input itself;
+    #: ``hint``: a feature of the input); None: a task of the data set
+    add: str | None = None
+    #: keyword arguments of that builder
+    options: dict[str, Any] = field(default_factory=dict)
+    #: trained and reported, but left out of model selection, Delta_m and grid comparisons;
+    #: None: true for an added task, the data set's declaration otherwise
+    auxiliary: bool | None = None
+    #: this task's head (a name in ``polytask.models.HEADS``); None: the task's own, else
+    #: ``model.head``
+    head: str | None = None
+    #: keyword arguments of that head
+    head_options: dict[str, Any] = field(default_factory=dict)
+    #: gradient reversal (Ganin and Lempitsky 2015) between the shared layers and this task's
+    #: head: the head learns the task, the shared layers receive its gradient times -lambda;
+    #: this is lambda (None: no reversal)
+    reversal: float | None = field(default=None, metadata=_range(ge=0))
+    #: ``constant`` lambda, or ``ganin``: lambda * (2 / (1 + exp(-10 p)) - 1), p the
+    #: training progress in [0, 1]
+    reversal_schedule: Literal["constant", "ganin"] = "constant"
+
+
+@dataclass
 class Config:
     """A whole training recipe."""
 
@@ -182,6 +213,8 @@ class Config:
     plugin_paths: list[str] = field(default_factory=list)
     #: the tasks to learn (None: every task of the data set)
     tasks: list[str] | None = None
+    #: per task, by name: auxiliary, its own head, gradient reversal, or a task to add
+    task_settings: dict[str, TaskConfig] = field(default_factory=dict)
     output_dir: str = "runs"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -248,6 +281,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: expected a mapping, found {value!r}.")
+        item_type = typing.get_args(tp)[-1] if typing.get_args(tp) else Any
+        if dataclasses.is_dataclass(item_type):  # a mapping of named sections
+            return {str(k): from_dict(item_type, v, f"{key}.{k}") for k, v in value.items()}  # type: ignore[arg-type]
         return dict(value)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key)  # type: ignore[arg-type]

@@ -18,7 +18,15 @@ from .losses import BCEWithLogitsLoss, Loss
 from .metrics.base import Metric
 from .metrics.multilabel import MultiLabelMetric
 
-__all__ = ["POS_WEIGHTS", "Task", "check_task_names", "label_targets", "label_tasks"]
+__all__ = [
+    "POS_WEIGHTS",
+    "Task",
+    "auxiliary_names",
+    "check_task_names",
+    "label_targets",
+    "label_tasks",
+    "main_names",
+]
 
 POS_WEIGHTS = ("none", "balanced")
 """How :func:`label_tasks` weighs the positive term of each label's loss."""
@@ -39,6 +47,15 @@ class Task:
             e.g. a softmax or a clamp.
         kind: a free-form tag ("classification", "segmentation", ...) that architectures and
             reports may use to pick heads and plots.
+        auxiliary: an auxiliary task is trained (its loss is balanced with the others'),
+            logged and reported, but left out of model selection, Delta_m and the
+            comparisons of grids (mean rank, verdict, Pareto front): it serves the other
+            tasks. :func:`main_names` and :func:`auxiliary_names` read this flag, and
+            nothing else decides which tasks count.
+        head: the head this task needs (a name in ``polytask.models.HEADS``) instead of the
+            configuration's ``model.head``, e.g. ``"decoder"`` for input reconstruction;
+            ``None``: the configuration's.
+        head_options: keyword arguments of that head.
     """
 
     name: str
@@ -49,6 +66,9 @@ class Task:
     kind: str = "generic"
     description: str = ""
     extra: Mapping[str, object] = field(default_factory=dict)
+    auxiliary: bool = False
+    head: str | None = None
+    head_options: Mapping[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "_-" for c in self.name):
@@ -91,6 +111,17 @@ class Task:
     def prepare(self, pred: Tensor) -> Tensor:
         """Predictions as the metrics expect them."""
         return pred if self.postprocess is None else self.postprocess(pred)
+
+
+def main_names(tasks: Mapping[str, Task]) -> list[str]:
+    """The tasks that count (not auxiliary), in order: model selection, Delta_m and grid
+    comparisons read these."""
+    return [name for name, task in tasks.items() if not task.auxiliary]
+
+
+def auxiliary_names(tasks: Mapping[str, Task]) -> list[str]:
+    """The auxiliary tasks, in order (see :attr:`Task.auxiliary`)."""
+    return [name for name, task in tasks.items() if task.auxiliary]
 
 
 def check_task_names(available: Mapping[str, Task], requested: list[str] | None) -> list[str]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -164,6 +164,27 @@ class Baseline:
                 values[task][name] = results[task][name]
         higher = {task: dict(metrics) for task, metrics in higher_is_better.items()}
         return cls(values=values, higher_is_better=higher, source=source)
+
+    def only(self, tasks: Collection[str]) -> Baseline:
+        """This baseline restricted to ``tasks`` (the same object when it holds no other
+        task): how auxiliary tasks are left out of Delta_m (see ``polytask.Task.auxiliary``).
+
+        Raises:
+            ConfigError: none of ``tasks`` is in the baseline.
+        """
+        kept = [t for t in self.values if t in tasks]
+        if len(kept) == len(self.values):
+            return self
+        if not kept:
+            raise ConfigError(
+                f"the baseline ({self.source}) has results for {sorted(self.values)} only, "
+                f"none of the tasks that count ({sorted(tasks)})."
+            )
+        return Baseline(
+            values={t: self.values[t] for t in kept},
+            higher_is_better={t: self.higher_is_better[t] for t in kept},
+            source=self.source,
+        )
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the baseline as JSON (``source``, ``values``, ``higher_is_better``)."""

@@ -28,7 +28,7 @@ from ..metrics.delta_m import Baseline
 from ..models.base import ARCHITECTURES, BACKBONES, HEADS, MultiTaskModel
 from ..options import check_options
 from ..registry import call_with_options
-from ..tasks import Task, check_task_names
+from ..tasks import Task, check_task_names, main_names
 
 __all__ = [
     "Components",
@@ -151,12 +151,22 @@ def build_data(config: Config) -> tuple[DataBundle, dict[str, Task]]:
                 raise DataError(
                     f"data set {config.data.name!r}: its {split} split has no data for task(s) {missing}."
                 )
-    return bundle, {n: bundle.tasks[n] for n in names}
+    from ..auxiliary import apply_task_settings
+
+    return apply_task_settings(config.task_settings, bundle, {n: bundle.tasks[n] for n in names})
 
 
 def build_model(
-    config: Config, tasks: Mapping[str, Task], input_shape: tuple[int, ...]
+    config: Config,
+    tasks: Mapping[str, Task],
+    input_shape: tuple[int, ...],
+    forwards: Mapping[str, int] | None = None,
 ) -> MultiTaskModel:
+    """The architecture over the backbone, each task's head built by
+    :func:`~polytask.auxiliary.task_head_factory` (``forwards``: each task's training
+    forward passes, for gradient reversal's schedule)."""
+    from ..auxiliary import task_head_factory
+
     _load_plugins()
     backbone_cls = BACKBONES.get(config.model.backbone)
     schema = BACKBONES.schema(config.model.backbone, BACKBONE_PROVIDED)
@@ -174,7 +184,8 @@ def build_model(
         module: nn.Module = backbone_cls(input_shape=input_shape, **options)
         return module
 
-    head = HEADS.get(config.model.head)
+    HEADS.get(config.model.head)
+    head = task_head_factory(config.model.head, config.task_settings, forwards)
     factory = ARCHITECTURES.get(config.model.architecture)
     provided: dict[str, Any] = {"tasks": dict(tasks), "backbone": backbone, "head": head}
     if "input_shape" in inspect.signature(factory).parameters:
@@ -270,7 +281,8 @@ def resolve_baseline(spec: str | None, tasks: Mapping[str, Task]) -> Baseline | 
         raise ConfigError(
             f"eval.baseline {path} has results for task(s) {missing} that this run does not learn."
         )
-    return baseline
+    # auxiliary tasks are left out of Delta_m: the baseline keeps the tasks that count
+    return baseline.only(main_names(tasks))
 
 
 def resolve_shared(
@@ -308,6 +320,12 @@ def check_selection(config: Config, tasks: Mapping[str, Task]) -> None:
     if sel.metric in ("loss", "delta_m"):
         return
     task, _, value = sel.metric.partition(".")
+    if task in tasks and tasks[task].auxiliary:
+        raise ConfigError(
+            f"train.selection.metric {sel.metric!r}: task {task!r} is auxiliary, and auxiliary "
+            f"tasks are left out of model selection; choose a value of "
+            f"{', '.join(main_names(tasks))}, loss or delta_m."
+        )
     if task not in tasks:
         raise ConfigError(
             f"train.selection.metric {sel.metric!r}: unknown task {task!r}; expected loss, "
@@ -358,6 +376,9 @@ def check_component_options(config: Config) -> None:
         ),
     ]
     HEADS.get(config.model.head)  # an unknown head name, before anything is built
+    from ..auxiliary import check_task_settings
+
+    check_task_settings(config.task_settings)
     for registry, name, where, options, provided in checks:
         check_options(registry.schema(name, provided), options, where=where, provided=provided)
 
@@ -378,7 +399,19 @@ def build_components(config: Config) -> Components:
     check_selection(config, tasks)
     baseline = resolve_baseline(config.eval.baseline, tasks)
     torch.manual_seed(config.seed)  # the initial weights depend only on the seed
-    model = build_model(config, tasks, bundle.input_shape).to(device)
+    forwards = None
+    if any(s.reversal_schedule == "ganin" for s in config.task_settings.values()):
+        from ..auxiliary import training_forwards
+
+        forwards = training_forwards(
+            bundle,
+            tasks,
+            batch_size=config.data.batch_size,
+            drop_last=config.data.drop_last,
+            sampling=config.data.sampling,
+            epochs=config.train.epochs,
+        )
+    model = build_model(config, tasks, bundle.input_shape, forwards).to(device)
     balancer = build_balancer(config, tasks).to(device)
     if balancer.needs_representation and bundle.multi_input:
         raise ConfigError(

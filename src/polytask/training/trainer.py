@@ -36,6 +36,7 @@ from ..evaluation import (
 from ..metrics.delta_m import delta_m, delta_m_higher_is_better
 from ..models.base import MultiTaskModel, capture_representation
 from ..progress import Progress
+from ..tasks import auxiliary_names, main_names
 from .build import Components, check_selection, resolve_shared
 from .checkpoint import FORMAT, check_model_signature, load_checkpoint, model_signature, save_atomic
 from .distributed import Distributed, JacobianSync, check_shards, shard_step
@@ -591,8 +592,8 @@ class Trainer:
     def _score(self, result: EvalResult) -> tuple[float, bool]:
         """The selection score of a validation result and whether higher is better."""
         sel = self.cfg.train.selection
-        if sel.metric == "loss":
-            return sum(result.losses.values()), False
+        if sel.metric == "loss":  # of the tasks that count: auxiliary tasks are left out
+            return sum(result.losses[t] for t in main_names(self.c.tasks)), False
         if sel.metric == "delta_m":
             assert self.c.baseline is not None
             conv = self.cfg.eval.delta_m
@@ -752,6 +753,7 @@ class Trainer:
         results: dict[str, Any] = {
             "name": cfg.name,
             "tasks": list(c.tasks),
+            "auxiliary": auxiliary_names(c.tasks),
             "selection": selection,
             "val": val,
             "test": test,
