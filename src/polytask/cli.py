@@ -125,6 +125,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     cells = None if args.cells is None else [c.strip() for c in args.cells.split(",")]
     summary = run_grid(args.grid, args.overrides, console=not args.quiet, cells=cells)
+    if not _is_writer():  # under torchrun rank 0 prints the grid's summary
+        return 0
     print()
     print(summary["table"])
     print()

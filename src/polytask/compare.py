@@ -33,6 +33,11 @@ derived from the baseline cell to ``GRID_DIR/baseline.json``. Where the runs hav
 segmentation task with per-class results, ``results.md`` also has the per-class IoU gain of
 every cell over the baseline cell against the class's share of training pixels (the
 cross-stitch paper's data-starved-class analysis).
+
+Under ``torchrun`` (``torchrun --nproc-per-node N -m polytask compare GRID``) every run of
+the grid is trained by all N processes in turn (see docs/distributed.md); rank 0 alone takes
+the grid's lock, decides which runs to skip, resume or train, and writes the runs, the
+summary and the report.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import fnmatch
+import functools
 import io
 import itertools
 import json
@@ -72,6 +78,7 @@ from .metrics.decathlon import decathlon_score
 from .metrics.delta_m import Baseline, delta_m, delta_m_higher_is_better
 from .report.tables import fitted_table, format_value, markdown_table, results_columns
 from .training.build import build_components
+from .training.distributed import Distributed, check_batch_size, init_from_environment
 from .training.rundir import LOCK_NAME, DirectoryLock, RunDirectory, check_path_component
 from .training.trainer import Trainer
 
@@ -297,10 +304,14 @@ def run_grid(
         keep = select_cells(list(configs), cells)
         configs = {name: configs[name] for name in keep}
     grid_dir = Path(spec.output_dir) / spec.name
+    # one process group for the whole grid under torchrun (a single process otherwise)
+    dist_info = init_from_environment(next(iter(configs.values())).train.device)
     # Validate every cell, and every run already on disk, before writing or training
     # anything: a typo fails in seconds and leaves the grid directory as it was.
     for cell, config in configs.items():
         build_components(_cell_config(config, spec, cell, spec.seeds[0]))
+        if dist_info.active:
+            check_batch_size(config.data.batch_size, dist_info.world)
         for seed in spec.seeds:
             run_path = grid_dir / cell / f"seed-{seed}"
             if (run_path / "config.yaml").exists():
@@ -310,39 +321,71 @@ def run_grid(
                         f"{run_path} was trained with another configuration than cell {cell!r} "
                         f"now has; give the grid a new name or remove {run_path}."
                     )
-    make_dir(grid_dir, "create the grid directory")
-    with DirectoryLock(grid_dir, "grid directory"):  # one `compare` per grid directory
-        write_atomic(grid_dir / "grid.yaml", Path(path).read_bytes(), "write")
-        _run_cells(spec, configs, grid_dir, console)
+    with contextlib.ExitStack() as held:
+
+        def start() -> None:  # rank 0 only: one `compare` per grid directory
+            make_dir(grid_dir, "create the grid directory")
+            held.enter_context(DirectoryLock(grid_dir, "grid directory"))
+            write_atomic(grid_dir / "grid.yaml", Path(path).read_bytes(), "write")
+
+        dist_info.decide(start)
+        _run_cells(spec, configs, grid_dir, console, dist_info)
+        if not dist_info.is_writer:  # rank 0 writes the grid's summary and report
+            return {}
         return summarize_grid(grid_dir, spec)
 
 
-def _run_cells(spec: GridSpec, configs: dict[str, Config], grid_dir: Path, console: bool) -> None:
-    progress = GridProgress(len(configs) * len(spec.seeds), enabled=console)
+def _run_cells(
+    spec: GridSpec,
+    configs: dict[str, Config],
+    grid_dir: Path,
+    console: bool,
+    dist_info: Distributed,
+) -> None:
+    """Train or resume every unfinished run, one after the other; under torchrun every
+    process trains every run, rank 0 deciding what each run needs and writing it."""
+    progress = GridProgress(len(configs) * len(spec.seeds), enabled=console and dist_info.is_writer)
     for cell, config in configs.items():
         for seed in spec.seeds:
             cfg = _cell_config(config, spec, cell, seed)
             run_path = grid_dir / cell / f"seed-{seed}"
-            if (run_path / "config.yaml").exists():
-                run = RunDirectory.open(run_path)
-                if run.read_results() is not None:
+            with contextlib.ExitStack() as held:
+                action = dist_info.decide(functools.partial(_prepare_run, run_path, cfg, held))
+                if action == "skip":
                     progress.skip(cell, seed, f"finished earlier: {run_path}")
                     continue
-                if run.last_checkpoint.exists():
-                    with progress.run(cell, seed, f"resuming {run_path}"), DirectoryLock(run_path):
-                        Trainer(build_components(cfg), run, console=console).fit(resume=True)
-                    continue
-                with DirectoryLock(run_path):  # never got to a checkpoint: start afresh
-                    for child in run_path.iterdir():
-                        if child.is_file() and child.name != LOCK_NAME:
-                            with guard(child, "remove"):
-                                child.unlink()
-            with progress.run(cell, seed, f"training -> {run_path}"):
-                make_dir(run_path, "create the run directory")
-                with DirectoryLock(run_path):
-                    run = RunDirectory.create(run_path, to_dict(cfg))
-                    Trainer(build_components(cfg), run, console=console).fit()
+                what = f"resuming {run_path}" if action == "resume" else f"training -> {run_path}"
+                with progress.run(cell, seed, what):
+                    trainer = Trainer(
+                        build_components(cfg),
+                        RunDirectory(run_path),
+                        console=console,
+                        distributed=dist_info,
+                    )
+                    trainer.fit(resume=action == "resume")
     progress.close()
+
+
+def _prepare_run(run_path: Path, cfg: Config, held: contextlib.ExitStack) -> str:
+    """What a run of the grid needs: ``"skip"`` (finished), ``"resume"`` (it has a
+    checkpoint) or ``"train"`` (new, or started afresh when it never got to a checkpoint);
+    the run's lock is entered into ``held`` for the two last."""
+    if (run_path / "config.yaml").exists():
+        run = RunDirectory.open(run_path)
+        if run.read_results() is not None:
+            return "skip"
+        if run.last_checkpoint.exists():
+            held.enter_context(DirectoryLock(run_path))
+            return "resume"
+        with DirectoryLock(run_path):  # never got to a checkpoint: start afresh
+            for child in run_path.iterdir():
+                if child.is_file() and child.name != LOCK_NAME:
+                    with guard(child, "remove"):
+                        child.unlink()
+    make_dir(run_path, "create the run directory")
+    held.enter_context(DirectoryLock(run_path))
+    RunDirectory.create(run_path, to_dict(cfg))
+    return "train"
 
 
 def mean_ranks(

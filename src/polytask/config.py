@@ -89,6 +89,10 @@ class BalancerConfig:
     #: (exact for the given gradients) or float32 (about 3x cheaper on a CPU; float32
     #: rounding in its entries)
     gramian_precision: Literal["float64", "float32"] = "float64"
+    #: gradient methods on several processes: ``global`` combines the global per-task
+    #: gradients (the single-process method); ``local`` combines each process's own and
+    #: averages the results (cheaper, another method; see docs/distributed.md)
+    distributed: Literal["global", "local"] = "global"
     #: learning rate of the method's own learnable parameters (None: the method's default,
     #: else the model's)
     lr: float | None = field(default=None, metadata=_range(gt=0, le=FLOAT32_MAX))

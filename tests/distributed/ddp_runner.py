@@ -3,16 +3,22 @@ one process group.
 
 ``python -m torch.distributed.run --nproc-per-node N ddp_runner.py PLAN.json``; the plan is
 a list of ``{"run_dir": ..., "config": {...}}`` (train; ``"stop_at": S`` stops it as if
-the processes died at global step S) or ``{"run_dir": ..., "resume": true}`` (resume).
+the processes died at global step S), ``{"run_dir": ..., "resume": true}`` (resume) or
+``{"compare": GRID_FILE, "errors": FOLDER}`` (``polytask compare``; an error of it is written
+to ``FOLDER/rank-R`` as ``TYPE: MESSAGE`` and ends the plan, as it ends the job).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from polytask.api import resume, train
+from polytask.compare import run_grid
+from polytask.errors import PolytaskError
 
 
 class Stop(Exception):
@@ -29,6 +35,16 @@ def main(plan_path: str) -> None:
             if stop_at is not None and info.global_step + 1 == stop_at:
                 raise Stop
 
+        if "compare" in item:
+            try:
+                run_grid(item["compare"], console=False)
+            except PolytaskError as exc:
+                errors = Path(item["errors"])
+                errors.mkdir(parents=True, exist_ok=True)
+                message = f"{type(exc).__name__}: {exc}"
+                (errors / f"rank-{os.environ['RANK']}").write_text(message, encoding="utf-8")
+                return
+            continue
         try:
             if item.get("resume"):
                 resume(item["run_dir"], console=False, step_callbacks=[stop])

@@ -1,6 +1,8 @@
 """Data parallelism (torchrun, gloo on the CPU): N steps on 2 processes, each with half of
 every batch, equal N steps on one process with the whole batch, to rounding; resume across
-process counts; one killed process stops the job, its checkpoint intact."""
+process counts; ``balancer.distributed: local`` against a computation outside the trainer;
+a grid (``compare``) on 2 processes gives the table of one; one killed process stops the
+job, its checkpoint intact."""
 
 from __future__ import annotations
 
@@ -19,7 +21,14 @@ import torch
 
 from helpers import tiny_config_dict
 from polytask.api import resume, train
+from polytask.compare import run_grid
+from polytask.config import load_config
+from polytask.data.loading import epoch_schedule, iterate_batches
+from polytask.errors import TrainingDiverged
+from polytask.evaluation import forward_step, split_datasets
+from polytask.training.build import build_components
 from polytask.training.checkpoint import load_checkpoint
+from polytask.training.rundir import lock_holder
 
 RUNNER = Path(__file__).with_name("ddp_runner.py")
 
@@ -48,6 +57,8 @@ METHODS: list[tuple[str, dict[str, Any]]] = [
     ("mgda_feature", {"balancer.name": "mgda", "balancer.options": {"level": "feature"}}),
     ("nash_parameter", {"balancer.name": "nash_mtl"}),
     ("nash_feature", {"balancer.name": "nash_mtl", "balancer.options": {"level": "feature"}}),
+    ("gradnorm", {"balancer.name": "gradnorm"}),
+    ("rlw", {"balancer.name": "rlw"}),
 ]
 
 
@@ -141,6 +152,12 @@ def two_process_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         }
     )
     plan.append({"run_dir": str(one_then_two), "resume": True})
+    plan.append({"run_dir": str(folder / "two" / "local"), "config": local_config(folder)})
+    grid = grid_file(folder / "grid", GRID_CELLS)
+    plan.append({"compare": str(grid), "errors": str(folder / "grid" / "errors")})
+    # last: its error ends the plan
+    failing = grid_file(folder / "failing", FAILING_CELLS)
+    plan.append({"compare": str(failing), "errors": str(folder / "failing" / "errors")})
     done = torchrun(plan, folder)
     assert done.returncode == 0, "\n".join(
         line for line in done.stderr.splitlines() if "rror" in line or "rank" in line
@@ -232,3 +249,146 @@ def _rank_pid(parent: int, rank: int) -> int:
 def _children(parent: int) -> list[int]:
     path = Path(f"/proc/{parent}/task/{parent}/children")
     return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+# -- balancer.distributed: local ----------------------------------------------------------
+
+
+def local_config(output: Path, mode: str = "local") -> dict[str, Any]:
+    """MGDA at the parameter level, one plain SGD step (16 samples, batch 16, 1 epoch): the
+    parameters' change divided by the learning rate is the step's gradient."""
+    return config(
+        output,
+        **{
+            "data.options": {"n_train": 16, "n_val": 30, "n_test": 30},
+            "train.epochs": 1,
+            "optim": {"name": "sgd", "lr": 0.5, "momentum": 0.0},
+            "balancer.name": "mgda",
+            "balancer.distributed": mode,
+        },
+    )
+
+
+def local_oracle(cfg: dict[str, Any], shards: int) -> dict[str, torch.Tensor]:
+    """The parameters after the step in which each of ``shards`` processes combines the
+    Jacobian of its own contiguous part of the batch with MGDA, and the combined gradients
+    (and the heads' gradients of the summed losses) are averaged: computed here from the
+    initial model, the step's batch and MGDA's ``aggregate``, outside the trainer."""
+    conf = load_config(cfg)
+    c = build_components(conf)
+    model, tasks = c.model, c.tasks
+    datasets = split_datasets(c.bundle.train, tasks)
+    sizes = {key: len(d) for key, d in datasets.items()}
+    (step,) = epoch_schedule(sizes, batch_size=conf.data.batch_size, seed=conf.seed, epoch=0)
+    shared = list(model.shared_parameters())
+    shared_ids = {id(p) for p in shared}
+    named = dict(model.named_parameters())
+    others = {n: p for n, p in named.items() if id(p) not in shared_ids}
+    total = {n: torch.zeros_like(p) for n, p in named.items()}
+    shared_names = [n for n, p in named.items() if id(p) in shared_ids]
+    model.train()
+    for r in range(shards):
+        part = {
+            key: indices[r * 16 // shards : (r + 1) * 16 // shards] for key, indices in step.items()
+        }
+        (batches,) = list(iterate_batches(datasets, [part]))
+        losses = {
+            name: tasks[name].compute_loss(pred, target, mask)
+            for name, pred, target, mask in forward_step(model, tasks, batches)
+        }
+        rows = []
+        for loss in losses.values():
+            grads = torch.autograd.grad(loss, shared, retain_graph=True)
+            rows.append(torch.cat([g.reshape(-1) for g in grads]))
+        combined, _ = c.balancer.aggregate(torch.stack(rows), list(losses))
+        offset = 0
+        for n in shared_names:
+            size = named[n].numel()
+            total[n] += combined[offset : offset + size].view_as(named[n])
+            offset += size
+        head_grads = torch.autograd.grad(sum(losses.values()), list(others.values()))
+        for n, g in zip(others, head_grads, strict=True):
+            total[n] += g
+    lr = conf.optim.lr
+    return {n: (p.detach() - lr * total[n] / shards) for n, p in named.items()}
+
+
+def test_local_aggregation(two_process_runs: Path, tmp_path: Path) -> None:
+    """``local``: 2 processes equal the mean of the aggregations of the two halves of the
+    batch (not the aggregation of the whole batch); on 1 process ``local`` is ``global``."""
+    one_local, one_global = tmp_path / "one_local", tmp_path / "one_global"
+    train(local_config(tmp_path), run_dir=one_local, console=False)
+    train(local_config(tmp_path, "global"), run_dir=one_global, console=False)
+    model = {
+        name: load_checkpoint(run / "checkpoints/last.pt")["model"]
+        for name, run in (("one_local", one_local), ("one_global", one_global))
+    }
+    two = load_checkpoint(two_process_runs / "two" / "local" / "checkpoints/last.pt")["model"]
+    halves = local_oracle(local_config(tmp_path), 2)
+    whole = local_oracle(local_config(tmp_path), 1)
+    for name, value in whole.items():
+        assert torch.equal(model["one_local"][name], model["one_global"][name]), name
+        torch.testing.assert_close(model["one_local"][name], value, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(two[name], halves[name], rtol=1e-5, atol=1e-6)
+    # the two computations differ on the shared parameters: local is not the method of one
+    # process on the whole batch
+    gap = max(float((halves[n] - whole[n]).abs().max()) for n in whole)
+    assert gap > 1e-3
+
+
+# -- compare --------------------------------------------------------------------------------
+
+GRID_CELLS = {"equal": {"balancer.name": "equal"}, "mgda": {"balancer.name": "mgda"}}
+#: a learning rate that makes every loss NaN at the second step (TrainingDiverged)
+FAILING_CELLS = {"diverge": {"optim": {"name": "sgd", "lr": 1e38}}}
+
+
+def grid_file(folder: Path, cells: dict[str, Any]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "base.yaml").write_text(json.dumps(config(folder)), encoding="utf-8")
+    spec = {
+        "name": "g",
+        "output_dir": str(folder / "grids"),
+        "base": "base.yaml",
+        "seeds": [0],
+        "baseline": next(iter(cells)),
+        "cells": cells,
+    }
+    path = folder / "grid.yaml"
+    path.write_text(json.dumps(spec), encoding="utf-8")
+    return path
+
+
+def test_compare_on_two_processes(two_process_runs: Path, tmp_path: Path) -> None:
+    """Every cell trained by both processes: the grid's table is that of one process; only
+    rank 0 wrote (one set of files, the grid's lock released)."""
+    one = run_grid(grid_file(tmp_path, GRID_CELLS), console=False)
+    grid_dir = two_process_runs / "grid" / "grids" / "g"
+    rows_one = json.loads((tmp_path / "grids" / "g" / "results.json").read_text())["rows"]
+    rows_two = json.loads((grid_dir / "results.json").read_text())["rows"]
+    for row in (*rows_one, *rows_two):
+        row.pop("time_s")
+    assert len(rows_two) == len(GRID_CELLS)
+    assert _close(rows_two, rows_one)
+    assert one["table"].count("\n") >= len(GRID_CELLS)
+    assert sorted(p.name for p in grid_dir.iterdir()) == sorted(
+        p.name for p in (tmp_path / "grids" / "g").iterdir()
+    )
+    assert lock_holder(grid_dir) is None
+    assert not (two_process_runs / "grid" / "errors").exists()
+
+
+def test_failing_cell_on_two_processes(two_process_runs: Path, tmp_path: Path) -> None:
+    """A cell that diverges raises on every process the error it raises on one."""
+    with pytest.raises(TrainingDiverged) as single:
+        run_grid(grid_file(tmp_path, FAILING_CELLS), console=False)
+    errors = two_process_runs / "failing" / "errors"
+    messages = {p.name: p.read_text() for p in errors.iterdir()}
+    assert sorted(messages) == ["rank-0", "rank-1"]
+    expected = f"TrainingDiverged: {single.value}"
+    run_dir = tmp_path / "grids" / "g" / "diverge" / "seed-0"
+    for message in messages.values():
+        assert message == expected.replace(
+            str(run_dir), str(errors.parent / "grids/g/diverge/seed-0")
+        )
+    assert lock_holder(errors.parent / "grids" / "g") is None

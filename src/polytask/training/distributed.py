@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+
+T = TypeVar("T")
 
 __all__ = [
     "Distributed",
@@ -83,6 +86,31 @@ class Distributed:
         if self.active:
             dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return tensor
+
+    def decide(self, decide: Callable[[], T]) -> T:
+        """``decide()``, run on rank 0 only, and its result on every process (one
+        broadcast). An exception of ``decide`` is raised on rank 0 as it is and on the
+        others as a :class:`ConfigError` that names it, so that no process is left waiting
+        for rank 0 in a later collective."""
+        if not self.active:
+            return decide()
+        import torch.distributed as dist
+
+        value: Any = None
+        failure: Exception | None = None
+        if self.is_writer:
+            try:
+                value = decide()
+            except Exception as exc:
+                failure = exc
+        box = [(value, None if failure is None else str(failure).splitlines()[0][:300])]
+        dist.broadcast_object_list(box, src=0)
+        if failure is not None:
+            raise failure
+        value, error = box[0]
+        if error is not None:
+            raise ConfigError(f"rank 0 stopped: {error}")
+        return cast(T, value)
 
     def barrier(self) -> None:
         import torch.distributed as dist

@@ -109,7 +109,10 @@ class Trainer:
                 self.log.addHandler(logging.NullHandler())
         if self.dist.active:
             components.balancer.loss_reducer = self.dist.mean_losses
-            if isinstance(components.balancer, GradientBalancer):
+            if (
+                isinstance(components.balancer, GradientBalancer)
+                and self.cfg.balancer.distributed == "global"
+            ):  # local: each process combines its own rows (see docs/distributed.md)
                 components.balancer.collective = JacobianSync(self.dist)
         self._factors: Tensor | None = None
         self.state = _State()
@@ -546,10 +549,16 @@ class Trainer:
     def _averaged_parameters(self) -> list[torch.nn.Parameter]:
         """The parameters whose gradients are averaged over processes after the backward
         pass: all of the model's and the balancer's, except the shared parameters of a
-        gradient method at the parameter level (their combined gradient is already global)."""
+        gradient method at the parameter level that combined the global Jacobian (their
+        combined gradient is already global; with ``balancer.distributed: local`` it is this
+        process's own and is averaged like the others)."""
         balancer = self.c.balancer
         skip: set[int] = set()
-        if isinstance(balancer, GradientBalancer) and balancer.level == "parameter":
+        if (
+            isinstance(balancer, GradientBalancer)
+            and balancer.level == "parameter"
+            and balancer.collective is not None
+        ):
             skip = {id(p) for p in self._shared}
         params = [p for p in self.c.model.parameters() if p.requires_grad and id(p) not in skip]
         return params + [p for p in balancer.parameters() if p.requires_grad]
