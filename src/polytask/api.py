@@ -12,7 +12,7 @@ from .errors import ConfigError, PolytaskError
 from .evaluation import EvalResult, evaluate
 from .fsio import make_dir
 from .training.build import build_components
-from .training.checkpoint import check_model_signature, load_checkpoint
+from .training.checkpoint import load_checkpoint, load_model_state
 from .training.distributed import Distributed, check_batch_size, init_from_environment
 from .training.rundir import DirectoryLock, RunDirectory, lock_holder, new_run_path
 from .training.trainer import StepEnd, Trainer
@@ -218,8 +218,7 @@ def evaluate_run(
     c = build_components(config)
     path = run.best_checkpoint if checkpoint == "best" else run.last_checkpoint
     data = load_checkpoint(path)
-    check_model_signature(data["model_signature"], c.model, path)
-    c.model.load_state_dict(data["model"])
+    load_model_state(c.model, data, path)
     return evaluate(
         c.model,
         c.tasks,

@@ -33,6 +33,7 @@ __all__ = [
     "ARCHITECTURES",
     "BACKBONES",
     "HEADS",
+    "AdaptContext",
     "BackboneFactory",
     "HeadFactory",
     "MultiTaskModel",
@@ -108,6 +109,30 @@ class RepresentationCapture:
         return [leaf for p in self.points for leaf in p.leaves.values()]
 
 
+SampleLosses = Callable[[int], dict[str, tuple[Tensor, Tensor]]]
+"""``sample_losses(n)``: ``{task: (losses, labelled)}`` on the first ``n`` training samples."""
+
+
+@dataclass
+class AdaptContext:
+    """What :meth:`MultiTaskModel.adapt` receives at the end of a training epoch.
+
+    Attributes:
+        epoch: the epoch that just ended (0-based).
+        sample_losses: ``sample_losses(n)`` evaluates the model as it is now (evaluation
+            mode, no gradient) on the first ``n`` samples of the training split (fewer if the
+            split is smaller; always the same samples) and returns, for every task, the
+            loss of each sample alone, shape ``(n,)``, and whether the sample is labelled
+            for the task, a boolean ``(n,)`` (the loss of an unlabelled sample is 0). Only
+            for single-input data; the model never sees the data set itself.
+        log: writes a line to the run's log (the model's decisions).
+    """
+
+    epoch: int
+    sample_losses: SampleLosses
+    log: Callable[[str], None] = field(default=lambda line: None)
+
+
 class MultiTaskModel(nn.Module, ABC):
     """Base class of architectures: named tasks in, named predictions out."""
 
@@ -177,6 +202,36 @@ class MultiTaskModel(nn.Module, ABC):
         are ``/``-separated names (task names never contain ``/``). Empty by default.
         """
         return {}
+
+    def adapt(self, context: AdaptContext) -> bool:
+        """Change the model's structure during training; True when it changed.
+
+        Called by the trainer at the end of every training epoch, after the balancer's
+        ``on_epoch_end`` and the learning-rate schedule's step, before validation. An architecture that grows (adds or
+        replaces parameters) returns True; the trainer then rebuilds the optimizer's
+        parameter groups (parameters kept keep their optimizer state, new ones start
+        fresh, removed ones lose theirs), the learning-rate schedule (at the same position)
+        and the parameters a gradient method manipulates. Everything :meth:`structure`
+        describes must be decided here, deterministically, from the model and the context.
+        Static architectures (the default) never change.
+        """
+        return False
+
+    def structure(self) -> dict[str, Any] | None:
+        """The current structure of a model that :meth:`adapt` changes, as JSON data.
+
+        Saved in every checkpoint next to the weights; :meth:`set_structure` rebuilds it
+        before the weights are loaded, so a run resumes (and a checkpoint loads) across a
+        change. None (the default) for a static architecture.
+        """
+        return None
+
+    def set_structure(self, structure: dict[str, Any]) -> None:
+        """Rebuild the modules for ``structure`` (what :meth:`structure` returned).
+
+        The weights of rebuilt modules are arbitrary: a ``load_state_dict`` follows.
+        """
+        raise TypeError(f"{type(self).__name__} has a fixed structure")
 
     def optimizer_param_groups(self, lr: float) -> list[dict[str, Any]]:
         """Optimizer parameter groups; override to give parts their own learning rate."""

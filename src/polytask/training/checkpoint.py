@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..fsio import guard, write_atomic
+from ..models.base import MultiTaskModel
 
 __all__ = [
     "DIGEST_KEY",
@@ -28,6 +29,7 @@ __all__ = [
     "check_model_signature",
     "content_digest",
     "load_checkpoint",
+    "load_model_state",
     "model_signature",
     "save_atomic",
 ]
@@ -147,3 +149,15 @@ def check_model_signature(saved: Mapping[str, list[int]], model: nn.Module, path
         f"checkpoint {path} belongs to a different model: {'; '.join(parts)}. "
         "Use the configuration the checkpoint was trained with."
     )
+
+
+def load_model_state(model: MultiTaskModel, data: Mapping[str, Any], path: Path) -> None:
+    """Load a checkpoint's weights into ``model``: first its structure (``data["structure"]``,
+    written for architectures that change during training, see
+    :meth:`~polytask.models.MultiTaskModel.adapt`), then, once the signatures match, the
+    state dict."""
+    structure = data.get("structure")
+    if structure is not None:
+        model.set_structure(structure)
+    check_model_signature(data["model_signature"], model, path)
+    model.load_state_dict(data["model"])

@@ -34,15 +34,23 @@ from ..evaluation import (
     split_datasets,
 )
 from ..metrics.delta_m import delta_m, delta_m_higher_is_better
-from ..models.base import MultiTaskModel, capture_representation
+from ..models.base import AdaptContext, MultiTaskModel, capture_representation
 from ..progress import Progress
 from ..tasks import auxiliary_names, main_names
 from .build import Components, check_selection, resolve_shared
-from .checkpoint import FORMAT, check_model_signature, load_checkpoint, model_signature, save_atomic
+from .checkpoint import (
+    FORMAT,
+    check_model_signature,
+    load_checkpoint,
+    load_model_state,
+    model_signature,
+    save_atomic,
+)
 from .distributed import Distributed, JacobianSync, check_shards, shard_step
 from .rundir import RunDirectory
 from .seeding import capture_rng_state, restore_rng_state, seed_everything, set_deterministic
 from .stopping import RunStopped, set_current_run, stop_requested
+from .structure import rebuild_optimizer, sample_losses
 
 __all__ = ["INSPECTION_SAMPLES", "StepEnd", "Trainer"]
 
@@ -167,7 +175,7 @@ class Trainer:
             "train_time_s": s.train_time_s,
             "history": s.history,
             "accumulators": {k: v.cpu() for k, v in self._acc.items()},
-        }
+        } | _structure(self.c.model)
 
     def save_checkpoint(self) -> None:
         """Write ``last.pt``, never with a NaN or infinite tensor: a diverged model or
@@ -212,6 +220,9 @@ class Trainer:
         """Restore everything from the run's ``last.pt``."""
         path = self.run.last_checkpoint
         data = load_checkpoint(path)
+        if data.get("structure") is not None:  # the model grew: rebuild it before loading
+            self.c.model.set_structure(data["structure"])
+            self._structure_changed()
         check_model_signature(data["model_signature"], self.c.model, path)
         try:
             self.c.model.load_state_dict(data["model"])
@@ -631,6 +642,8 @@ class Trainer:
         lr = float(c.optimizer.param_groups[0]["lr"])
         c.scheduler.step()
         self.dist.broadcast_buffers(c.model)  # rank 0's BatchNorm statistics everywhere
+        if c.model.adapt(AdaptContext(epoch, self._sample_losses, self.log.info)):
+            self._structure_changed()
         val = self._evaluate("val")
         score, higher = self._score(val)
         record: dict[str, Any] = {
@@ -672,7 +685,8 @@ class Trainer:
                     "model_signature": model_signature(c.model),
                     "epoch": epoch,
                     "score": score,
-                },
+                }
+                | _structure(c.model),
                 self.run.best_checkpoint,
             )
         if not math.isfinite(score) and sel.protocol == "best":
@@ -693,6 +707,28 @@ class Trainer:
         s.epoch += 1
         s.step_in_epoch = 0
         self.save_checkpoint()
+
+    def _sample_losses(self, n: int) -> dict[str, tuple[Tensor, Tensor]]:
+        """Per-sample losses on the first ``n`` training samples (for ``model.adapt``)."""
+        cfg = self.cfg
+        return sample_losses(
+            self.c.model,
+            self.c.tasks,
+            self.c.bundle.train,
+            n,
+            device=self.c.device,
+            precision=cfg.train.precision,
+            batch_size=cfg.data.eval_batch_size or cfg.data.batch_size,
+        )
+
+    def _structure_changed(self) -> None:
+        """After the model's structure changed: a new optimizer and schedule over its
+        parameters (see :func:`.structure.rebuild_optimizer`) and the shared parameters."""
+        c = self.c
+        c.optimizer, c.scheduler = rebuild_optimizer(
+            self.cfg, c.model, c.balancer, c.optimizer, c.scheduler
+        )
+        self._shared, self._others = resolve_shared(c.model, self.cfg.balancer.shared)
 
     def _log_epoch(self, record: Mapping[str, Any]) -> None:
         from ..report.tables import epoch_log_lines
@@ -753,7 +789,7 @@ class Trainer:
                 selection["note"] = note
             elif sel.protocol == "best":
                 best = load_checkpoint(self.run.best_checkpoint)
-                c.model.load_state_dict(best["model"])
+                load_model_state(c.model, best, self.run.best_checkpoint)
                 selection["epoch"] = int(best["epoch"])
             else:
                 selection["epoch"] = cfg.train.epochs - 1
@@ -851,6 +887,12 @@ class Trainer:
         }
         stored = {"input": inputs} if isinstance(inputs, Tensor) else {}
         self.run.write_inspection({**stored, **arrays}, meta)
+
+
+def _structure(model: MultiTaskModel) -> dict[str, Any]:
+    """``{"structure": ...}`` for a checkpoint of a model whose structure changes, else ``{}``."""
+    structure = model.structure()
+    return {} if structure is None else {"structure": structure}
 
 
 def _non_finite(state: Any, name: str) -> str | None:

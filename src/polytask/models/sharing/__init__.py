@@ -2,6 +2,7 @@
 
 from .cross_stitch import CrossStitch
 from .dense import Dense
+from .fafs import FAFS
 from .hard import HardSharing
 from .mmoe import MMoE
 from .mtan import MTAN, STAN
@@ -15,3 +16,4 @@ __all__ = ["MTAN", "STAN", "HardSharing", "SingleTask"]
 __all__ += ["PLE", "MMoE"]
 __all__ += ["Dense", "Split"]
 __all__ += ["CrossStitch", "Sluice", "SoftSharing"]
+__all__ += ["FAFS"]
