@@ -29,6 +29,7 @@ __all__ = [
     "EvalConfig",
     "ModelConfig",
     "OptimConfig",
+    "RegularizerConfig",
     "SchedulerConfig",
     "SelectionConfig",
     "TaskConfig",
@@ -64,6 +65,21 @@ class DataConfig:
 
 
 @dataclass
+class RegularizerConfig:
+    """A penalty over the task-specific layers of any architecture (``model.regularizers``)."""
+
+    #: a regulariser registered in ``polytask.models.regularizers.REGULARIZERS``
+    name: str = ""
+    weight: float = field(default=1e-3, metadata=_range(ge=0))
+    options: dict[str, Any] = field(default_factory=dict)
+    #: a shell pattern of the task parameters read, ``{task}`` standing for the task's name
+    #: (e.g. ``heads.{task}.*``); None: all of the task's parameters
+    parameters: str | None = None
+    #: which of the task's selected weights (two or more dimensions, in order) are read
+    layers: list[int] = field(default_factory=lambda: [0])
+
+
+@dataclass
 class ModelConfig:
     """The architecture (how tasks share), the backbone it wraps, and the heads."""
 
@@ -73,6 +89,9 @@ class ModelConfig:
     backbone_options: dict[str, Any] = field(default_factory=dict)
     #: the prediction head of every task: linear, mlp, segnet (dense), or a registered name
     head: str = "linear"
+    #: penalties over the tasks' own layers, added to the architecture's (group lasso, a
+    #: learned task covariance, ...)
+    regularizers: list[RegularizerConfig] = field(default_factory=list)
 
 
 @dataclass

@@ -42,3 +42,7 @@ __all__ = [
     "segnet_head",
     "sharing",
 ]
+
+from . import regularizers
+
+__all__ += ["regularizers"]

@@ -26,6 +26,7 @@ from ..data.base import DATASETS, DataBundle
 from ..errors import ConfigError, DataError
 from ..metrics.delta_m import Baseline
 from ..models.base import ARCHITECTURES, BACKBONES, HEADS, MultiTaskModel
+from ..models.regularizers import REGULARIZERS, RegularizerSpec, attach_regularizers
 from ..options import check_options
 from ..registry import call_with_options
 from ..tasks import Task, check_task_names, main_names
@@ -201,7 +202,14 @@ def build_model(
         raise TypeError(
             f"architecture {config.model.architecture!r} returned {type(model).__name__}"
         )
-    return model
+    return attach_regularizers(
+        model,
+        [
+            RegularizerSpec(r.name, r.weight, r.options, r.parameters, r.layers)
+            for r in config.model.regularizers
+        ],
+        where="model.regularizers",
+    )
 
 
 def build_balancer(config: Config, tasks: Mapping[str, Task]) -> Balancer:
@@ -343,6 +351,7 @@ def check_selection(config: Config, tasks: Mapping[str, Task]) -> None:
 DATA_PROVIDED: tuple[str, ...] = ()
 BACKBONE_PROVIDED = ("input_shape",)
 ARCHITECTURE_PROVIDED = ("tasks", "backbone", "head", "input_shape")
+REGULARIZER_PROVIDED = ("tasks", "shapes")
 BALANCER_PROVIDED = ("tasks",)
 
 
@@ -381,6 +390,16 @@ def check_component_options(config: Config) -> None:
     check_task_settings(config.task_settings)
     for registry, name, where, options, provided in checks:
         check_options(registry.schema(name, provided), options, where=where, provided=provided)
+    for i, reg in enumerate(config.model.regularizers):
+        where = f"model.regularizers[{i}]"
+        if not reg.name:
+            raise ConfigError(
+                f"{where}.name: expected the name of a regularizer "
+                f"({', '.join(REGULARIZERS.names())}), found {reg.name!r}."
+            )
+        REGULARIZERS.get(reg.name)
+        schema = REGULARIZERS.schema(reg.name, REGULARIZER_PROVIDED)
+        check_options(schema, reg.options, where=f"{where}.options", provided=REGULARIZER_PROVIDED)
 
 
 def _architecture_provided(name: str) -> tuple[str, ...]:

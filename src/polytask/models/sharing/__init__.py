@@ -17,3 +17,6 @@ __all__ += ["PLE", "MMoE"]
 __all__ += ["Dense", "Split"]
 __all__ += ["CrossStitch", "Sluice", "SoftSharing"]
 __all__ += ["FAFS"]
+from .drn import deep_relationship_network  # noqa: E402
+
+__all__ += ["deep_relationship_network"]
