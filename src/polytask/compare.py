@@ -85,6 +85,7 @@ from .training.trainer import Trainer
 __all__ = [
     "GridSpec",
     "expand_cells",
+    "grid_tasks",
     "load_grid",
     "mean_ranks",
     "read_grid_spec",
@@ -627,15 +628,17 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
             + "; ".join(f"{cell}: {st}" for cell, st in unfinished.items())
             + ")."
         )
-    first = next(iter(runs.values()))[0]
-    hib: dict[str, dict[str, bool]] = first["higher_is_better"]
-    columns = results_columns(hib)
+    hib, auxiliary = grid_tasks(runs)
+    columns = results_columns(hib, auxiliary)
+    # auxiliary tasks are shown but never compared: no Delta_m, mean rank or verdict
+    counted = [(t, k, hib[t][k]) for t, k, _ in columns if t not in auxiliary]
     baseline: Baseline | None = None
     if spec.baseline is not None and spec.baseline in runs:
         base_runs = runs[spec.baseline]
         values = {
             t: {k: statistics.fmean(r["test"]["metrics"][t][k] for r in base_runs) for k in vals}
             for t, vals in hib.items()
+            if t not in auxiliary and all(t in r["test"]["metrics"] for r in base_runs)
         }
         seeds = [
             s
@@ -644,7 +647,7 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
         ]
         baseline = Baseline(
             values=values,
-            higher_is_better=hib,
+            higher_is_better={t: hib[t] for t in values},
             source=(
                 f"polytask compare, grid {spec.name!r} in {grid_dir}, cell {spec.baseline!r} "
                 f"(overrides {spec.cells[spec.baseline]} on base {spec.base or 'defaults'} "
@@ -660,8 +663,10 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
         row["run_seeds"] = seeds_of[cell]
         row["seeds_total"] = len(spec.seeds)
         row["state"] = cells_state[cell]
-        for t, k, _ in columns:
-            row[f"{t}.{k}"] = _mean_std([r["test"]["metrics"][t][k] for r in cell_runs])
+        for t, k, _ in columns:  # a cell without the task (an auxiliary one): "-"
+            row[f"{t}.{k}"] = _mean_std(
+                [r["test"]["metrics"][t][k] for r in cell_runs if t in r["test"]["metrics"]]
+            )
         if baseline is not None:
             per_seed = [delta_m(r["test"]["metrics"], baseline, spec.delta_m) for r in cell_runs]
             row["delta_m"] = _mean_std(per_seed)
@@ -673,7 +678,7 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
         row["time_s"] = _mean_std([r["train_time_s"] for r in cell_runs])
         row["parameters"] = sum(cell_runs[0].get("parameters", {}).values())
         rows.append(row)
-    ranks = mean_ranks(rows, [(t, k, hib[t][k]) for t, k, _ in columns])
+    ranks = mean_ranks(rows, counted)
     for row in rows:
         row["mean_rank"] = ranks[row["cell"]]
     headers = ["cell", "seeds"] + [h for _, _, h in columns]
@@ -709,12 +714,21 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
         table_rows.append(cells)
     # many tasks: the per-task columns move to a long table (bounded width; see report.tables)
     table = fitted_table(
-        headers, table_rows, keys=2, columns=[(t, k, hib[t][k]) for t, k, _ in columns]
+        headers,
+        table_rows,
+        keys=2,
+        columns=[(f"{t} aux" if t in auxiliary else t, k, hib[t][k]) for t, k, _ in columns],
     )
     rank_note = (
         f" Mean rank: a cell's rank among the {len(rows)} cells in each of the "
-        f"{len(columns)} metric columns (1 = best, ties share), averaged over the columns."
+        f"{len(counted)} metric columns (1 = best, ties share), averaged over the columns."
     )
+    if auxiliary:
+        rank_note += (
+            f" Auxiliary tasks ({', '.join(auxiliary)}; columns marked aux) are trained and "
+            "shown, but left out of Δm, the mean rank, the verdict and the Pareto front; "
+            "'-': a cell without the task."
+        )
     note = (
         "Test split, mean ± standard deviation over seeds; parameters of the network (the "
         "balancer's own state excluded). "
@@ -803,6 +817,7 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
         "note": note,
         "rows": rows,
         "baseline": None if baseline is None else baseline.source,
+        "auxiliary": auxiliary,
         "per_class": per_class,
         "verdict": verdict,
         "cells": {
@@ -827,6 +842,22 @@ def summarize_grid(grid_dir: str | Path, spec: GridSpec | None = None) -> dict[s
         )
         summary["html"] = None
     return summary
+
+
+def grid_tasks(
+    runs: dict[str, list[dict[str, Any]]],
+) -> tuple[dict[str, dict[str, bool]], list[str]]:
+    """Every task of the grid's runs with ``higher_is_better`` of its values (in the order
+    they first appear) and the auxiliary ones (a task any run marks auxiliary, from its
+    ``results.json``), so that cells with and without an auxiliary task share a table."""
+    hib: dict[str, dict[str, bool]] = {}
+    auxiliary: list[str] = []
+    for cell_runs in runs.values():
+        for r in cell_runs:
+            for task, values in r["higher_is_better"].items():
+                hib.setdefault(task, dict(values))
+            auxiliary += [t for t in r.get("auxiliary") or [] if t not in auxiliary]
+    return hib, auxiliary
 
 
 def verdict_sentence(

@@ -120,14 +120,13 @@ def write_grid_html(grid_dir: str | Path, *, strict: bool = False) -> Path:
     runs = {row["cell"]: _cell_runs(grid_dir, row["cell"], spec.seeds) for row in rows}
     setup = {cell: _cell_setup(paths) for cell, paths in runs.items()}
     hib: dict[str, dict[str, bool]] = {}
-    for paths in runs.values():
+    for paths in runs.values():  # every task of the grid, as the summary's table has them
         for run in paths:
             if (run / "results.json").is_file():
-                hib = _read_json(run / "results.json")["higher_is_better"]
-                break
-        if hib:
-            break
-    columns = results_columns(hib)
+                for task, values in _read_json(run / "results.json")["higher_is_better"].items():
+                    hib.setdefault(task, values)
+    auxiliary = summary.get("auxiliary") or []
+    columns = results_columns(hib, auxiliary)
     has_dm = any("delta_m" in row for row in rows)
     conv = spec.delta_m
     dm_higher = conv == "task_mean"
@@ -227,8 +226,8 @@ def write_grid_html(grid_dir: str | Path, *, strict: bool = False) -> Path:
             "front, which no other cell beats on every task at once.",
             strict=strict,
         )
-        trade_table = table_html(
-            ["cell"] + [f"{t} change % ↑" for t in hib],
+        trade_table = table_html(  # the baseline's tasks: auxiliary tasks are not compared
+            ["cell"] + [f"{t} change % ↑" for t in baseline.values],
             [
                 [c] + [format_value(v, decimals=2) for v in imp.values()]
                 for c, imp in improvement.items()

@@ -45,7 +45,8 @@ ATTENTION_SAMPLES = 2
 
 def _results_html(results: Mapping[str, Any]) -> str:
     hib = results["higher_is_better"]
-    columns = results_columns(hib)
+    auxiliary = results.get("auxiliary") or []
+    columns = results_columns(hib, auxiliary)
     headers = ["split"] + [h for _, _, h in columns]
     rows: list[list[str]] = []
     dm = results.get("delta_m")
@@ -74,6 +75,11 @@ def _results_html(results: Mapping[str, Any]) -> str:
         f"reported: {esc(chosen)}. Training time {results['train_time_s']:.1f} s. "
         "↑: higher is better, ↓: lower is better.</p>"
     )
+    if auxiliary:
+        text += (
+            "<p>Auxiliary tasks (aux: trained and shown, left out of model selection and "
+            f"Δm): {esc(', '.join(auxiliary))}.</p>"
+        )
     if isinstance(dm, Mapping):
         text += f'<p class="note">Δm baseline: {esc(dm["baseline_source"])}</p>'
     params = table_html(

@@ -66,7 +66,8 @@ def results_tables(results: dict[str, Any], splits: Sequence[str] = ("test", "va
     per-task values in long format (a row per task and metric value, a column per split).
     """
     hib = results["higher_is_better"]
-    columns = results_columns(hib)
+    auxiliary = results.get("auxiliary") or []
+    columns = results_columns(hib, auxiliary)
     dm = results.get("delta_m")
     headers = ["split"] + [h for _, _, h in columns]
     if isinstance(dm, dict):
@@ -97,7 +98,7 @@ def results_tables(results: dict[str, Any], splits: Sequence[str] = ("test", "va
         headers,
         rows,
         keys=1,
-        columns=[(t, k, hib[t][k]) for t, k, _ in columns],
+        columns=[(f"{t} aux" if t in auxiliary else t, k, hib[t][k]) for t, k, _ in columns],
         summary=_task_means(results, splits),
         wide_tasks=0,
     )
@@ -241,8 +242,16 @@ def write_run_report(run: RunDirectory, *, strict: bool = False) -> None:
             if "epoch" in sel
             else f"mean of epochs {[e + 1 for e in sel['epochs']]}"
         )
+        auxiliary = results.get("auxiliary") or []
         lines += [
-            f"Tasks: {', '.join(results['tasks'])}. Architecture `{_get(config, 'model', 'architecture')}`, "
+            f"Tasks: {', '.join(results['tasks'])}. "
+            + (
+                "Auxiliary (trained and shown, left out of model selection and Δm): "
+                f"{', '.join(auxiliary)}. "
+                if auxiliary
+                else ""
+            )
+            + f"Architecture `{_get(config, 'model', 'architecture')}`, "
             f"balancing `{_get(config, 'balancer', 'name')}`, data `{_get(config, 'data', 'name')}`.",
             f"Selection: {sel['protocol']} by validation {sel['metric']} ({chosen}). "
             f"Training time {results['train_time_s']:.1f} s.",

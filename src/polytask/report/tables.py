@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 __all__ = [
@@ -37,10 +37,12 @@ def format_value(
 
 def results_columns(
     higher_is_better: Mapping[str, Mapping[str, bool]],
+    auxiliary: Collection[str] = (),
 ) -> list[tuple[str, str, str]]:
-    """``(task, value, header)`` for every metric value, the header marked with its direction."""
+    """``(task, value, header)`` for every metric value, the header marked with its direction
+    (and ``aux`` for the ``auxiliary`` tasks, which no comparison counts)."""
     return [
-        (task, value, f"{task} {value} {'↑' if hib else '↓'}")
+        (task, value, f"{task} {value} {'↑' if hib else '↓'}{' aux' if task in auxiliary else ''}")
         for task, values in higher_is_better.items()
         for value, hib in values.items()
     ]
