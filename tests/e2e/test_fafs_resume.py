@@ -83,6 +83,8 @@ def test_resume_across_a_widening_matches_the_uninterrupted_run(
     assert "layers.0.1.0.weight" in wa["model"]
     log = (stopped / "train.log").read_text()
     assert "fafs: layer 1 of 1" in log and "fafs: layer 0 of 1" in log
+    report = (stopped / "report.html").read_text()
+    assert "Branches found by widening" in report and "{left} {right}" in report
 
 
 def test_best_checkpoint_before_a_widening_is_evaluated_with_its_structure(

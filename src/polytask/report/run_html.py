@@ -190,6 +190,40 @@ def architecture_sections(
     return [b for b in blocks if b is not None]
 
 
+def branching_blocks(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The branches and the widening decisions of an architecture that logs ``branches``
+    and ``decisions`` in its diagnostics (FAFS), from the last epoch that has them."""
+    logged = [r["architecture"] for r in records if isinstance(r.get("architecture"), Mapping)]
+    last = next((a for a in reversed(logged) if "branches" in a and "decisions" in a), None)
+    if last is None:
+        return []
+    layers = last["branches"]
+    rows = [
+        [f"layer {i}", len(groups), " ".join("{" + ", ".join(g) + "}" for g in groups)]
+        for i, groups in reversed(list(enumerate(layers)))
+    ]
+    text = table_html(["layer (0: the bottom)", "branches", "tasks of each branch"], rows)
+    decisions = []
+    for d in last["decisions"]:
+        children = " ".join("{" + ", ".join(c) + "}" for c in d["children"])
+        groups = " ".join("{" + ", ".join(g) + "}" for g in d["groups"])
+        criterion = ", ".join(f"{k}: {v:.4f}" for k, v in d["criterion"].items())
+        decisions.append(
+            f"<li>end of epoch {int(d['epoch']) + 1}, layer {d['layer']} "
+            f"({d['samples']} samples): children {esc(children)} &rarr; {esc(groups)}; "
+            f"criterion by number of branches {esc(criterion)}</li>"
+        )
+    return [
+        "<p>Branches found by widening (the structure at the last epoch), and each "
+        "round's decision: the children of the layer's branch, the groups they were split "
+        "into, and the lowest criterion found for every number of branches.</p>"
+        + text
+        + "<ul>"
+        + "".join(decisions)
+        + "</ul>"
+    ]
+
+
 def _gate_panels(
     gates: Mapping[str, Array], shared: Mapping[str, Array], layout: Array | None
 ) -> dict[str, tuple[dict[str, Array], list[str]]]:
@@ -319,6 +353,7 @@ def write_run_html(run: RunDirectory, *, strict: bool = False) -> Path:
         if inspection is not None
         else []
     )
+    blocks += branching_blocks(records)
     if not blocks:
         blocks.append(
             f"<p>Architecture {esc(model.get('architecture', '?'))} has no figures of its "
