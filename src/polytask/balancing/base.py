@@ -54,6 +54,11 @@ class BackwardContext:
         step: the global optimizer step (0-based).
         representation: the shared-representation points of this step's forward pass,
             recorded when the balancer's ``needs_representation`` is true.
+        parts: for a balancer whose :attr:`~Balancer.batch_parts` is ``P > 1``: the per-task
+            losses of each of the step's disjoint parts (each a mean over its own samples,
+            with its own graph), in order; the ``losses`` given to ``backward`` are then their
+            sample-weighted mean, the loss of the whole batch. Empty otherwise. A step with
+            fewer samples than ``P`` (the last batch of an epoch) has fewer parts.
     """
 
     shared_parameters: Sequence[nn.Parameter]
@@ -62,6 +67,7 @@ class BackwardContext:
     epoch: int = 0
     step: int = 0
     representation: RepresentationCapture | None = None
+    parts: Sequence[Mapping[str, Tensor]] = ()
 
     def scale(self, loss: Tensor) -> Tensor:
         """``loss`` multiplied by the loss scale (unchanged without a scaler)."""
@@ -109,6 +115,12 @@ class Balancer(nn.Module, ABC):
 
     def on_epoch_end(self, epoch: int, train_losses: Mapping[str, float]) -> None:
         """Called after every epoch with the unweighted mean training loss of each task."""
+
+    #: into how many disjoint parts the trainer cuts every step's batch, forwarding each part
+    #: on its own (``BackwardContext.parts``): methods that need independent gradient samples
+    #: per step (MoDo, SDMGrad) set it above 1; the step's samples and forward work stay
+    #: those of one batch
+    batch_parts: int = 1
 
     #: whether :meth:`after_optimizer_step` needs the losses of the same batch recomputed
     #: with the updated parameters (FAMO); costs one extra forward pass per step

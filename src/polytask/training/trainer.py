@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence, Sized
+from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -130,6 +130,7 @@ class Trainer:
             else None
         )
         check_selection(self.cfg, components.tasks)
+        _check_batch_parts(components.balancer, self.cfg.balancer.name)
         self._tb: Any = None
         self._shared, self._others = resolve_shared(components.model, self.cfg.balancer.shared)
         self._reset_accumulators()
@@ -398,25 +399,27 @@ class Trainer:
             log=self.log.info,
             initial=start,
         )
-        batches_iter = iterate_batches(
+        batches_iter = _step_parts(
             datasets,
             local_steps[start:],
+            max(1, int(c.balancer.batch_parts)),
             num_workers=cfg.data.num_workers,
             seed=cfg.seed * 100_003 + epoch,
             pin_memory=c.device.type == "cuda",
         )
         every = cfg.train.checkpoint_every_steps
-        for step, batches in zip(local_steps[start:], batches_iter, strict=True):
-            check_step(
-                batches,
-                step,
-                c.tasks,
-                split="train",
-                where=f"epoch {epoch + 1}, step {s.step_in_epoch + 1}",
-                input_shape=self._input_shape,
-                integer_inputs=self._integer_inputs,
-            )
-            self._train_step(batches)
+        for parts in batches_iter:
+            for part_step, batches in parts:
+                check_step(
+                    batches,
+                    part_step,
+                    c.tasks,
+                    split="train",
+                    where=f"epoch {epoch + 1}, step {s.step_in_epoch + 1}",
+                    input_shape=self._input_shape,
+                    integer_inputs=self._integer_inputs,
+                )
+            self._train_step([batches for _, batches in parts])
             s.step_in_epoch += 1
             s.global_step += 1
             bar.update(1)
@@ -434,56 +437,91 @@ class Trainer:
         s.train_time_s += time.perf_counter() - started
         self._end_epoch(epoch)
 
-    def _train_step(self, batches: Mapping[str, Any]) -> None:
+    def _train_step(self, parts: Sequence[Mapping[str, Any]]) -> None:
+        """One optimizer step on one batch, given as its parts (one part unless the balancer
+        asks for more: :attr:`~polytask.balancing.base.Balancer.batch_parts`)."""
         c, s = self.c, self.state
         names = list(c.tasks)
-        batches = to_device(batches, c.device)
+        parts = [to_device(b, c.device) for b in parts]
+        batches = parts[0]
         c.optimizer.zero_grad(set_to_none=True)
         with (
             capture_representation(c.model, c.balancer.needs_representation) as representation,
             autocast(c.device, self.cfg.train.precision),
         ):
-            outputs = list(forward_step(c.model, c.tasks, batches))
-        losses: dict[str, Tensor] = {}
-        counts: dict[str, Tensor] = {}
+            part_outputs = [list(forward_step(c.model, c.tasks, b)) for b in parts]
+        part_losses: list[dict[str, Tensor]] = []
+        part_counts: list[dict[str, Tensor]] = []
         masked = False
-        for name, pred, target, mask in outputs:
-            losses[name] = c.tasks[name].compute_loss(pred.float(), target, mask)
-            if mask is None:
-                counts[name] = torch.tensor(float(target.shape[0]), device=c.device)
-            else:
-                masked = True
-                counts[name] = mask.sum().to(torch.float64)
-        stacked = torch.stack([losses[t].detach().float() for t in losses])
+        for outputs in part_outputs:
+            losses: dict[str, Tensor] = {}
+            counts: dict[str, Tensor] = {}
+            for name, pred, target, mask in outputs:
+                losses[name] = c.tasks[name].compute_loss(pred.float(), target, mask)
+                if mask is None:
+                    counts[name] = torch.tensor(float(target.shape[0]), device=c.device)
+                else:
+                    masked = True
+                    counts[name] = mask.sum().to(torch.float64)
+            part_losses.append(losses)
+            part_counts.append(counts)
+        del outputs, part_outputs
+        losses, counts = part_losses[0], part_counts[0]
+        tasks_here = list(losses)
+        stacked = torch.stack(
+            [part[t].detach().float() for part in part_losses for t in tasks_here]
+        )
         if not bool(torch.isfinite(stacked).all()):
-            bad = [t for t, v in zip(losses, stacked.tolist(), strict=True) if not math.isfinite(v)]
+            values = stacked.view(len(part_losses), len(tasks_here)).tolist()
+            bad = [
+                t for i, t in enumerate(tasks_here) if not all(math.isfinite(v[i]) for v in values)
+            ]
             raise TrainingDiverged(
                 self._diverged(
                     f"the loss of task(s) {', '.join(repr(b) for b in bad)} is "
-                    f"{stacked[[list(losses).index(b) for b in bad]].tolist()}"
+                    f"{[v[tasks_here.index(b)] for v in values for b in bad]}"
                 )
             )
         sums: dict[str, Tensor] | None = None
+        k = len(tasks_here)
         if self.dist.active:
-            # the step's global counts and loss sums (one collective); each process's loss is
-            # rescaled so that the mean over processes of any gradient is the single-process one
-            local_n = torch.stack([counts[t].double() for t in losses])
+            # the step's global counts and loss sums of every part (one collective); each
+            # process's loss is rescaled so that the mean over processes of any gradient is the
+            # single-process one
+            local_n = torch.stack([part[t].double() for part in part_counts for t in tasks_here])
             both = torch.cat([local_n, local_n * stacked.double()])
             self.dist.all_reduce_sum(both)
-            k = len(losses)
-            total_n = both[:k]
+            n = local_n.numel()
+            total_n = both[:n]
             factors = local_n * self.dist.world / total_n.clamp_min(1.0)
-            self._factors = factors
-            sums = {t: both[k + i] for i, t in enumerate(losses)}
-            counts = {t: total_n[i] for i, t in enumerate(losses)}
+            self._factors = factors[:k]
             # the value of each loss is the global one (what the balancer reads: a method whose
             # weights depend on the losses' values, such as FAMO's log, sees the single-process
             # values), its gradient this process's share of the global gradient
-            means = both[k:] / total_n.clamp_min(1.0)
-            scaled = {t: losses[t] * factors[i].to(losses[t].dtype) for i, t in enumerate(losses)}
+            means = both[n:] / total_n.clamp_min(1.0)
+            for p, part in enumerate(part_losses):
+                for i, t in enumerate(tasks_here):
+                    j = p * k + i
+                    scaled = part[t] * factors[j].to(part[t].dtype)
+                    part[t] = scaled - scaled.detach() + means[j].to(scaled.dtype)
+            global_sums = both[n:].view(len(part_losses), k).sum(dim=0)
+            global_counts = total_n.view(len(part_losses), k)
+            sums = {t: global_sums[i] for i, t in enumerate(tasks_here)}
+            part_counts = [
+                {t: global_counts[p, i] for i, t in enumerate(tasks_here)}
+                for p in range(len(part_losses))
+            ]
+            losses, counts = part_losses[0], part_counts[0]
+        if len(part_losses) > 1:  # the whole batch's loss: the parts' sample-weighted mean
+            counts = {t: torch.stack([part[t] for part in part_counts]).sum() for t in tasks_here}
             losses = {
-                t: scaled[t] - scaled[t].detach() + means[i].to(scaled[t].dtype)
-                for i, t in enumerate(losses)
+                t: torch.stack(
+                    [
+                        part[t] * (n_part[t] / counts[t].clamp_min(1.0)).to(part[t].dtype)
+                        for part, n_part in zip(part_losses, part_counts, strict=True)
+                    ]
+                ).sum()
+                for t in tasks_here
             }
         present = losses
         if masked:  # a task without any label in this batch contributes nothing to it
@@ -498,13 +536,16 @@ class Trainer:
                 epoch=s.epoch,
                 step=s.global_step,
                 representation=representation,
+                parts=[{t: part[t] for t in present} for part in part_losses]
+                if len(part_losses) > 1
+                else (),
             )
             penalty = c.model.regularization()
             if penalty is not None:
                 # keep the graph: a penalty on activations (sluice) shares it with the losses
                 ctx.scale(penalty).backward(retain_graph=True)  # type: ignore[no-untyped-call]
             weights = c.balancer.backward(present, ctx)
-            del representation, outputs
+            del representation, part_losses
             if self.dist.active:
                 self.dist.average_gradients(self._averaged_parameters())
             gram = c.balancer.diagnostics().get("gramian")
@@ -887,6 +928,37 @@ class Trainer:
         }
         stored = {"input": inputs} if isinstance(inputs, Tensor) else {}
         self.run.write_inspection({**stored, **arrays}, meta)
+
+
+def _check_batch_parts(balancer: Any, name: str) -> None:
+    """A balancer that cuts batches into parts (MoDo, SDMGrad) can neither read one shared
+    representation nor the post-step losses of the whole batch."""
+    parts = balancer.batch_parts
+    if not isinstance(parts, int) or parts < 1:
+        raise ConfigError(f"balancing method {name!r}: batch_parts must be a positive integer.")
+    if parts > 1 and (balancer.needs_representation or balancer.needs_post_step_losses):
+        raise ConfigError(
+            f"balancing method {name!r} cuts every batch into {parts} parts; it cannot also "
+            "read the shared representation or the post-step losses of the whole batch."
+        )
+
+
+def _step_parts(
+    datasets: Mapping[str, Any],
+    steps: Sequence[Mapping[str, list[int]]],
+    parts: int,
+    **loader: Any,
+) -> Iterator[list[tuple[Mapping[str, list[int]], dict[str, Any]]]]:
+    """Every step's ``(indices, batches)``, cut into ``parts`` disjoint contiguous parts, each
+    loaded as a batch of its own (fewer parts where a step has fewer samples than ``parts``
+    for some key; one part, the step itself, when ``parts`` is 1)."""
+    plan: list[list[dict[str, list[int]]]] = []
+    for step in steps:
+        n = max(1, min(parts, *(len(v) for v in step.values())))
+        plan.append([dict(step)] if n == 1 else [shard_step(step, i, n) for i in range(n)])
+    loaded = iterate_batches(datasets, [p for ps in plan for p in ps], **loader)
+    for ps in plan:
+        yield [(p, next(loaded)) for p in ps]
 
 
 def _structure(model: MultiTaskModel) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from .cagrad import CAGrad
 from .conflict_free import ConFIG
 from .cr_mogm import CRMOGM
 from .db_mtl import DBMTL
+from .double_sampling import MoDo, SDMGrad
 from .dualproj import DualProj
 from .excess_mtl import ExcessMTL
 from .fairgrad import FairGrad, FairGradNotConverged
@@ -45,9 +46,11 @@ __all__ = [
     "Krum",
     "Mean",
     "MoCo",
+    "MoDo",
     "NashMTL",
     "NashMTLNotConverged",
     "PCGrad",
+    "SDMGrad",
     "Sum",
     "TrimmedMean",
     "UPGrad",
