@@ -20,3 +20,7 @@ __all__ += ["FAFS"]
 from .drn import deep_relationship_network  # noqa: E402
 
 __all__ += ["deep_relationship_network"]
+from .depths import JointManyTask, TaskDepths  # noqa: E402
+from .tensor_factorised import TensorFactorised  # noqa: E402
+
+__all__ += ["JointManyTask", "TaskDepths", "TensorFactorised"]
