@@ -14,6 +14,8 @@ import pytest
 import yaml
 
 from polytask.cli import main
+from polytask.training.checkpoint import load_checkpoint
+from polytask.training.rundir import RunDirectory
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -173,3 +175,7 @@ def test_the_documented_multimnist_recipe_and_its_adversarial_variant(tmp_path: 
     assert [r["score"] for r in records(run)] == pytest.approx(
         [r["val"]["losses"]["left"] for r in records(run)]
     )
+    # the schedule's step count is part of the model's state, so a resumed run goes on from it:
+    # 32 images in batches of 16, 2 epochs
+    state = load_checkpoint(RunDirectory(run).last_checkpoint)["model"]
+    assert int(state["heads.right.reversal.steps"]) == 4
