@@ -42,9 +42,10 @@ regularisation is::
 
     R = delta * sum_t sum_{p in Theta_t} ||p - p'||^2
 
-where ``Theta_t`` holds the parameters of everything the tasks below ``t`` (``d_s < d_t``)
-depend on: the stages up to the highest of them, their shortcut maps and, with label
-embeddings, the lower tasks' heads and embeddings; ``p'`` is ``p``'s anchor. A parameter
+where ``Theta_t`` holds the parameters of everything the predictions of the tasks below
+``t`` (``d_s < d_t``) depend on: the stages up to the highest of them, the shortcut maps into
+those stages and, with label embeddings, the lower tasks' heads and the embeddings those
+stages read; ``p'`` is ``p``'s anchor. A parameter
 below several tasks is counted once per task, as in JMT, where each task's objective has its
 own term.
 
@@ -288,6 +289,7 @@ class TaskDepths(MultiTaskModel):
         self._stage_params = owners
         self._groups = self._partition()
         self.anchors = nn.Module()
+        self._moved: float | None = None
         self._penalised = self._penalty_counts()
         for i, (p, _) in enumerate(self._penalised):
             self.anchors.register_buffer(f"p{i}", p.detach().clone())
@@ -446,8 +448,8 @@ class TaskDepths(MultiTaskModel):
             for t in self.task_names:
                 if self.depths[t] <= top:
                     params += list(self.heads[t].parameters())
-                    if t in self.embeddings:
-                        params += list(self.embeddings[t].parameters())
+                if self.depths[t] < top:  # read by a stage below the top lower task
+                    params += list(self.embeddings[t].parameters())
         unique: dict[int, nn.Parameter] = {id(p): p for p in params}
         return list(unique.values())
 
@@ -472,8 +474,18 @@ class TaskDepths(MultiTaskModel):
 
     def adapt(self, context: object) -> bool:
         """At the end of every training epoch: refresh the anchors; the structure stays."""
+        self._moved = self.anchor_distance()
         self.refresh_anchors()
         return False
+
+    @torch.no_grad()
+    def anchor_distance(self) -> float:
+        """``sqrt(sum_p ||p - p'||^2)`` over the penalised parameters (0 without any)."""
+        total = sum(
+            float((p - a).double().square().sum())
+            for (p, _), a in zip(self._penalised, self.anchor_values(), strict=True)
+        )
+        return math.sqrt(total)
 
     def regularization(self) -> Tensor | None:
         """``delta * sum_p c_p ||p - p'||^2`` (``c_p``: the tasks ``p`` lies below), or None
@@ -487,16 +499,13 @@ class TaskDepths(MultiTaskModel):
         return self.successive * torch.stack(terms).sum()
 
     def diagnostics(self) -> dict[str, Any]:
-        """The distance of the penalised parameters from their anchors, ``sqrt(sum_p ||p -
-        p'||^2)``, when successive regularisation is on."""
+        """With successive regularisation, ``{"anchor_distance": value}``: how far the
+        penalised parameters moved from their anchors during the last epoch (measured by
+        :meth:`adapt` before it refreshes them; until then, the distance now)."""
         if self.successive == 0 or not self._penalised:
             return {}
-        with torch.no_grad():
-            total = sum(
-                float((p - a).double().square().sum())
-                for (p, _), a in zip(self._penalised, self.anchor_values(), strict=True)
-            )
-        return {"anchor_distance": math.sqrt(total)}
+        moved = self._moved
+        return {"anchor_distance": self.anchor_distance() if moved is None else moved}
 
 
 @ARCHITECTURES.register(
