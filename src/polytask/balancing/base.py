@@ -59,6 +59,13 @@ class BackwardContext:
             with its own graph), in order; the ``losses`` given to ``backward`` are then their
             sample-weighted mean, the loss of the whole batch. Empty otherwise. A step with
             fewer samples than ``P`` (the last batch of an epoch) has fewer parts.
+        recompute: ``recompute(evaluation=False) -> {task: loss}``: the step's per-task losses
+            recomputed on the same batch at the parameters' *current* values (a new forward
+            pass, with a graph unless gradients are disabled; the run's autocast; BatchNorm
+            statistics left unchanged; ``evaluation=True`` runs the model in evaluation
+            mode). Methods that evaluate the losses at perturbed parameters (SAMO) change the
+            parameters in place, call it, and restore them. None where the trainer cannot
+            provide it (a step in parts).
     """
 
     shared_parameters: Sequence[nn.Parameter]
@@ -68,6 +75,7 @@ class BackwardContext:
     step: int = 0
     representation: RepresentationCapture | None = None
     parts: Sequence[Mapping[str, Tensor]] = ()
+    recompute: Callable[..., dict[str, Tensor]] | None = None
 
     def scale(self, loss: Tensor) -> Tensor:
         """``loss`` multiplied by the loss scale (unchanged without a scaler)."""

@@ -36,7 +36,7 @@ once per step with the complete Jacobian, before the method combines it.
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -208,6 +208,19 @@ class GradientBalancer(Balancer):
         self._gramian, self._gramian_of = gramian, jacobian
         return gramian
 
+    #: where the rows come from at the parameter level, when not from one backward pass
+    #: per task of the step's losses: ``row_source(losses, ctx) -> (J, others, other_grads)``
+    #: with the rows and the other parameters' gradients of the *scaled* losses, as
+    #: :meth:`_parameter_rows` returns them (a wrapper such as SAMO computes them at perturbed
+    #: parameters); None: the default
+    row_source: (
+        Callable[
+            [Mapping[str, Tensor], BackwardContext],
+            tuple[Tensor, list[Tensor], list[Tensor | None]],
+        ]
+        | None
+    ) = None
+
     #: set by a multi-process trainer: makes the Jacobian global (an object with
     #: ``gather(jacobian, level)`` and ``local_part(combined)``; see
     #: :class:`polytask.training.distributed.JacobianSync`); None in a single process
@@ -229,6 +242,9 @@ class GradientBalancer(Balancer):
         scale = ctx.grad_scaler.get_scale() if ctx.grad_scaler is not None else 1.0
         if self.level == "feature":
             jacobian, others, other_grads, originals = self._feature_rows(losses, ctx)
+        elif self.row_source is not None:
+            jacobian, others, other_grads = self.row_source(losses, ctx)
+            originals = []
         else:
             jacobian, others, other_grads = self._parameter_rows(losses, ctx)
             originals = []

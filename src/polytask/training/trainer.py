@@ -9,6 +9,7 @@ on the CPU in deterministic mode).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -539,6 +540,9 @@ class Trainer:
                 parts=[{t: part[t] for t in present} for part in part_losses]
                 if len(part_losses) > 1
                 else (),
+                recompute=None
+                if len(part_losses) > 1
+                else functools.partial(self._recompute, batches, present),
             )
             penalty = c.model.regularization()
             if penalty is not None:
@@ -581,22 +585,53 @@ class Trainer:
         self, batches: Mapping[str, Any], present: Mapping[str, Tensor]
     ) -> dict[str, Tensor]:
         """The losses of the same batch with the updated parameters (for FAMO-like methods)."""
+        return self._recompute(batches, present)
+
+    def _recompute(
+        self, batches: Mapping[str, Any], present: Mapping[str, Tensor], *, evaluation: bool = False
+    ) -> dict[str, Tensor]:
+        """The ``present`` tasks' losses of ``batches`` at the parameters' current values: a
+        new forward pass (with a graph where gradients are enabled), under the run's autocast,
+        rescaled like the step's losses when several processes train; BatchNorm statistics
+        are left as they were. ``evaluation``: in evaluation mode (no dropout, running
+        statistics)."""
         c = self.c
-        # a second forward in training mode would update BatchNorm statistics twice per step
+        # a second forward in training mode would update BatchNorm statistics twice per step:
+        # their momentum is 0 during it (the running statistics are then left exactly as
+        # they were, without an in-place write after the forward, which the graph's backward
+        # would refuse), and every other buffer that changed is restored
         buffers = {name: b.clone() for name, b in c.model.named_buffers()}
-        with autocast(c.device, self.cfg.train.precision):
-            outputs = list(forward_step(c.model, c.tasks, batches))
-        for name, b in c.model.named_buffers():
-            b.copy_(buffers[name])
-        post = {
+        norms = [
+            m
+            for m in c.model.modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+        ]
+        momenta = [m.momentum for m in norms]
+        was_training = c.model.training
+        if evaluation:
+            c.model.eval()
+        try:
+            for m in norms:
+                m.momentum = 0.0
+            with autocast(c.device, self.cfg.train.precision):
+                outputs = list(forward_step(c.model, c.tasks, batches))
+        finally:
+            c.model.train(was_training)
+            for m, momentum in zip(norms, momenta, strict=True):
+                m.momentum = momentum
+            with torch.no_grad():
+                for name, b in c.model.named_buffers():
+                    if not torch.equal(b, buffers[name]):
+                        b.copy_(buffers[name])
+        losses = {
             name: c.tasks[name].compute_loss(pred.float(), target, mask)
             for name, pred, target, mask in outputs
             if name in present
         }
         if self.dist.active and self._factors is not None:  # rescaled like the step's losses
             order = [n for n, *_ in outputs]
-            post = {t: v * self._factors[order.index(t)].to(v.dtype) for t, v in post.items()}
-        return post
+            losses = {t: v * self._factors[order.index(t)].to(v.dtype) for t, v in losses.items()}
+        return losses
 
     def _averaged_parameters(self) -> list[torch.nn.Parameter]:
         """The parameters whose gradients are averaged over processes after the backward

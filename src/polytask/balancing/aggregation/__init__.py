@@ -21,6 +21,7 @@ from .nash_mtl import NashMTL, NashMTLNotConverged
 from .pcd import PCD
 from .pcgrad import PCGrad
 from .robust import Krum, TrimmedMean
+from .samo import SAMO
 from .upgrad import UPGrad
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "IMTLG",
     "MGDA",
     "PCD",
+    "SAMO",
     "AlignedMTL",
     "AlignedMTLUB",
     "CAGrad",
