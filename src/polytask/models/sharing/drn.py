@@ -39,7 +39,7 @@ def deep_relationship_network(
     tasks: Mapping[str, Task],
     backbone: BackboneFactory,
     head: HeadFactory,
-    weight: float = 1e-3,
+    weight: float = 1e-5,
     eps: float = 1e-3,
     feature_covariances: bool = True,
 ) -> MultiTaskModel:
@@ -49,7 +49,10 @@ def deep_relationship_network(
         tasks: the tasks, by name (at least two).
         backbone: builds the shared lower layers.
         head: builds a task's upper layers; every task's head must have the same shapes.
-        weight: the prior's weight (``lambda``; >= 0).
+        weight: the prior's weight (``lambda``; >= 0). Small: at the covariances' optimum
+            the quadratic form is about ``D1 D2 K`` per layer (thousands), and its gradient
+            ``2 Sigma^{-1} W`` grows as the weights shrink; on one batch of MultiDigits,
+            1e-3 kept the training loss at 1.2 after 60 epochs, 1e-5 let it fall to 0.002.
         eps: the ridge of the covariance updates (> 0).
         feature_covariances: learn the output and input covariances too (the paper).
     """
