@@ -310,3 +310,16 @@ def test_rebuilt_optimizer_keeps_old_state_and_training_goes_on() -> None:
 
 class _NoBalancer(torch.nn.Module):
     lr = None
+
+
+def test_greedy_search_comes_close_to_the_exhaustive_optimum() -> None:
+    worst = 0.0
+    for seed, cost in itertools.product(range(10), (0.02, 0.05, 0.15)):
+        gen = torch.Generator().manual_seed(seed)
+        a = torch.rand(7, 7, generator=gen, dtype=torch.float64)
+        a = (a + a.T) / 2
+        exact = min(search_grouping(a, cost, exact_limit=8)[1].values())
+        greedy = min(search_grouping(a, cost, exact_limit=1)[1].values())
+        assert greedy >= exact - 1e-12
+        worst = max(worst, greedy - exact)
+    assert worst < 0.01

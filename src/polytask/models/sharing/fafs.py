@@ -58,7 +58,10 @@ Where polytask deviates or the paper leaves a choice open:
   searches it approximately. polytask enumerates every partition of the children when
   there are at most ``exact_limit`` of them (Bell(8) = 4,140 partitions) and otherwise
   merges greedily: from one group per child, it repeatedly merges the two groups whose
-  union gives the lowest criterion, and keeps the best grouping met for every ``d``.
+  union gives the lowest criterion; from the grouping so found for every ``d``, a local
+  search then moves one child at a time (to another group or to a group of its own) while
+  that lowers the criterion, and the best grouping met is kept. On random affinities of
+  6 to 8 children this found the exhaustive optimum in most cases (see the tests).
 - **Schedule.** The paper trains for some iterations between rounds; here a round
   happens at the end of epoch ``widen_after`` (1-based) and every ``widen_every`` epochs
   after it, and the network is trained on after the last round.
@@ -70,7 +73,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -142,21 +145,28 @@ def branch_affinity(affinity: Tensor, children: Sequence[Sequence[int]]) -> Tens
 def separation_loss(affinity_b: Tensor, grouping: Grouping) -> float:
     """``L_s``: the mean over groups of 1 minus the mean over the group's children of their
     lowest affinity to another child of the group (0 for a group of one)."""
+    return _separation(affinity_b.tolist(), grouping)
+
+
+def _separation(a: list[list[float]], grouping: Grouping) -> float:
     total = 0.0
     for group in grouping:
         if len(group) < 2:
             continue
-        lowest = [min(float(affinity_b[i, j]) for j in group if j != i) for i in group]
+        lowest = [min(a[i][j] for j in group if j != i) for i in group]
         total += 1.0 - sum(lowest) / len(lowest)
     return total / len(grouping)
+
+
+def _criterion(a: list[list[float]], grouping: Grouping, cost: float) -> float:
+    return (len(grouping) - 1) * cost + _separation(a, grouping)
 
 
 def grouping_loss(
     affinity_b: Tensor, grouping: Grouping, branch_cost: float, pools_above: int = 0
 ) -> float:
     """The criterion ``(d - 1) L_0 2^{p_l} + L_s(g_d)`` of a grouping (``alpha = 1``)."""
-    d = len(grouping)
-    return (d - 1) * branch_cost * 2.0**pools_above + separation_loss(affinity_b, grouping)
+    return _criterion(affinity_b.tolist(), grouping, branch_cost * 2.0**pools_above)
 
 
 def partitions(c: int) -> Iterator[Grouping]:
@@ -182,6 +192,40 @@ def _canonical(groups: Sequence[Sequence[int]]) -> Grouping:
     return tuple(sorted((tuple(sorted(g)) for g in groups), key=lambda g: g[0]))
 
 
+def _refine(
+    grouping: Grouping,
+    a: list[list[float]],
+    cost: float,
+    consider: Callable[[Grouping], None],
+) -> None:
+    """Local search from ``grouping``: move the one child (to another group or a group of
+    its own) that lowers the criterion most, until no move does; every grouping met is
+    passed to ``consider``."""
+    current = grouping
+    loss = _criterion(a, current, cost)
+    while True:
+        best = (loss, current)
+        groups = [list(g) for g in current]
+        for source, group in enumerate(groups):
+            for child in group:
+                for target in range(len(groups) + 1):
+                    if target == source or (target == len(groups) and len(group) == 1):
+                        continue
+                    moved = [[k for k in g if k != child] for g in groups]
+                    if target == len(groups):
+                        moved.append([child])
+                    else:
+                        moved[target].append(child)
+                    candidate = _canonical([g for g in moved if g])
+                    value = _criterion(a, candidate, cost)
+                    consider(candidate)
+                    if value < best[0]:
+                        best = (value, candidate)
+        if best[1] == current:
+            return
+        loss, current = best
+
+
 def search_grouping(
     affinity_b: Tensor,
     branch_cost: float,
@@ -193,13 +237,16 @@ def search_grouping(
     found for every number of groups ``d``.
 
     Exhaustive over all partitions for at most ``exact_limit`` children, else greedy
-    merging (see the module). Ties go to the fewer groups, then to the first met.
+    merging followed by a local search (see the module). Ties go to the fewer groups, then
+    to the first met.
     """
     c = affinity_b.shape[0]
+    a = affinity_b.tolist()
+    cost = branch_cost * 2.0**pools_above
     best_per_d: dict[int, tuple[float, Grouping]] = {}
 
     def consider(grouping: Grouping) -> None:
-        loss = grouping_loss(affinity_b, grouping, branch_cost, pools_above)
+        loss = _criterion(a, grouping, cost)
         d = len(grouping)
         if d not in best_per_d or loss < best_per_d[d][0]:
             best_per_d[d] = (loss, grouping)
@@ -212,16 +259,18 @@ def search_grouping(
         consider(_canonical(current))
         while len(current) > 1:
             best: tuple[float, Grouping] | None = None
-            for a, b in itertools.combinations(range(len(current)), 2):
-                merged = [g for k, g in enumerate(current) if k not in (a, b)]
-                merged.append(current[a] + current[b])
+            for x, y in itertools.combinations(range(len(current)), 2):
+                merged = [g for k, g in enumerate(current) if k not in (x, y)]
+                merged.append(current[x] + current[y])
                 candidate = _canonical(merged)
-                loss = grouping_loss(affinity_b, candidate, branch_cost, pools_above)
+                loss = _criterion(a, candidate, cost)
                 if best is None or loss < best[0]:
                     best = (loss, candidate)
             assert best is not None
             current = [tuple(g) for g in best[1]]
             consider(best[1])
+        for d in sorted(best_per_d):  # then one child at a time, while that lowers the criterion
+            _refine(best_per_d[d][1], a, cost, consider)
     chosen_d = min(best_per_d, key=lambda d: (best_per_d[d][0], d))
     return best_per_d[chosen_d][1], {d: v[0] for d, v in sorted(best_per_d.items())}
 
