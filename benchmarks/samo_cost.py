@@ -1,9 +1,8 @@
 """Step time of a SAMO step (Ban, Subramani & Ji, ICCV 2025) relative to equal weighting,
 the K-backward floor and parameter-level MGDA, on the MLP setting of benchmarks/balancing.py.
 
-polytask does not implement SAMO (docs/balancing.md, "Sharpness-aware wrapping"): a step needs
-forward passes at perturbed parameters, which the balancer cannot run. This script
-runs the step of the official code (``experiments/nyuv2/trainer_samo.py``) outside the engine,
+Written before polytask's ``samo`` balancer (docs/balancing.md, "Sharpness-aware wrapping"), this
+script runs the step of the official code (``experiments/nyuv2/trainer_samo.py``) outside the engine,
 to measure what it would cost:
 
 1. one forward pass and the backward pass of the mean loss (the global gradient);
