@@ -21,7 +21,12 @@ from polytask.cli import main
 from polytask.errors import ConfigError
 from polytask.losses import CrossEntropyLoss, MSELoss
 from polytask.metrics import Accuracy, RegressionMetric
-from polytask.models import ARCHITECTURES, check_parameter_partition, linear_head
+from polytask.models import (
+    ARCHITECTURES,
+    capture_representation,
+    check_parameter_partition,
+    linear_head,
+)
 from polytask.models.backbones import MLP, LeNet
 from polytask.models.sharing import HardSharing, TaskDepths
 from polytask.tasks import Task
@@ -361,3 +366,25 @@ def test_jmt_overfits_one_batch_from_the_command_line(tmp_path: Path) -> None:
     assert all(m > 0 for m in moved), moved
     for task in ("left", "right"):
         assert last[task] < first[task] / 100, (task, first, last)
+
+
+def test_each_head_reads_its_own_copy_of_its_point() -> None:
+    """Without shortcuts, the tensor each head reads is marked once per task at its point,
+    and a task's loss reaches its own copy only; with shortcuts nothing is marked."""
+    model = build(depths=DEPTHS)
+    with capture_representation(model) as rep:
+        out = model(x_mlp())
+    assert rep is not None
+    assert [(p.name, list(p.leaves)) for p in rep.points] == [
+        ("point.0", ["a"]),
+        ("point.1", ["b"]),
+        ("point.2", ["c"]),
+    ]
+    for task in TASKS:
+        leaves = rep.leaves()
+        grads = torch.autograd.grad(out[task].sum(), leaves, allow_unused=True, retain_graph=True)
+        assert [g is not None for g in grads] == [t == task for t in ("a", "b", "c")]
+    jmt = build(arch="jmt", depths=DEPTHS)
+    with capture_representation(jmt) as rep:
+        jmt(x_mlp())
+    assert rep is not None and rep.points == []
