@@ -22,8 +22,12 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/polytask compare configs/demo.yaml
 
+# pytest-xdist: TEST_WORKERS processes with one torch thread each keep every core busy
+# (single-threaded Python between the small tensor operations of most tests)
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
