@@ -805,6 +805,14 @@ class Trainer:
             self.cfg, c.model, c.balancer, c.optimizer, c.scheduler
         )
         self._shared, self._others = resolve_shared(c.model, self.cfg.balancer.shared)
+        if not self._shared and isinstance(c.balancer, GradientBalancer):
+            raise ConfigError(
+                f"after its structure changed at the end of epoch {self.state.epoch + 1}, "
+                f"architecture {self.cfg.model.architecture!r} shares no parameter between "
+                f"tasks: the gradient method {self.cfg.balancer.name!r} has no shared "
+                "gradient to combine. Use a loss-weighting method (equal, uncertainty, ...) "
+                "or options that keep a shared part (fafs: a larger model.options.branch_cost)."
+            )
 
     def _log_epoch(self, record: Mapping[str, Any]) -> None:
         from ..report.tables import epoch_log_lines
