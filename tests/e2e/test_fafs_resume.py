@@ -15,6 +15,7 @@ import polytask
 from helpers import tiny_config_dict
 from polytask.api import evaluate_run
 from polytask.cli import main as cli_main
+from polytask.errors import ConfigError
 from polytask.training import StepEnd
 from polytask.training.checkpoint import load_checkpoint
 
@@ -100,3 +101,10 @@ def test_best_checkpoint_before_a_widening_is_evaluated_with_its_structure(
     assert best["structure"]["groups"][1] == [["left"], ["right"]]  # widened at epoch 1's end
     again = evaluate_run(run.path, split="test")
     assert again.metrics == results["test"]["metrics"]
+
+
+def test_a_gradient_method_stops_clearly_when_nothing_stays_shared(tmp_path: Path) -> None:
+    config = _config(tmp_path, None)
+    config["balancer"] = {"name": "mgda"}
+    with pytest.raises(ConfigError, match="shares no parameter between tasks"):
+        polytask.train(config, run_dir=tmp_path / "run", console=False)
