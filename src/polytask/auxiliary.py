@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -387,7 +388,13 @@ def check_task_settings(settings: Mapping[str, TaskConfig]) -> None:
             schema = AUXILIARY_TASKS.schema(setting.add, PROVIDED)
             check_options(schema, setting.options, where=f"{where}.options", provided=PROVIDED)
         if setting.head is not None:
-            HEADS.get(setting.head)
+            factory = HEADS.get(setting.head)
+            positional = tuple(list(inspect.signature(factory).parameters)[:2])
+            check_options(
+                HEADS.schema(setting.head, positional),
+                setting.head_options,
+                where=f"{where}.head_options",
+            )
 
 
 def task_head_factory(
@@ -405,13 +412,14 @@ def task_head_factory(
 
     def head(task: Task, in_features: int) -> nn.Module:
         name = task.head or default
-        module: nn.Module = call_with_options(
-            HEADS.get(name),
-            dict(task.head_options),
-            where=f"task_settings.{task.name}.head_options",
-            provided={"task": task, "in_features": in_features},
-            schema=HEADS.schema(name, ("task", "in_features")),
+        factory = HEADS.get(name)
+        # a head factory takes (task, features) positionally, whatever their names
+        positional = tuple(list(inspect.signature(factory).parameters)[:2])
+        where = f"task_settings.{task.name}.head_options"
+        options = check_options(
+            HEADS.schema(name, positional), dict(task.head_options), where=where
         )
+        module: nn.Module = factory(task, in_features, **options)
         setting = settings.get(task.name)
         if setting is None or setting.reversal is None:
             return module

@@ -250,6 +250,11 @@ def test_added_tasks_join_the_run(tmp_path: Path) -> None:
         ({"x": {"add": "hint", "options": {"sizes": 2}}}, "task_settings.x.options"),
         ({"left": {"options": {"loss": "l1"}}}, "options are for added tasks"),
         ({"left": {"head": "nohead"}}, "unknown head"),
+        (
+            {"left": {"head": "mlp", "head_options": {"hiden": 8}}},
+            "task_settings.left.head_options",
+        ),
+        ({"recon": {"add": "reconstruction", "head_options": {"hidden": 0}}}, "hidden"),
         ({"left": {"reversal": -1.0}}, "task_settings.left.reversal"),
     ],
 )
