@@ -73,7 +73,9 @@ tasks, or none: the stages above the deepest task) is shared. Which parameters a
 is found once, at construction, by the gradient of each stage's output alone.
 
 **Shared representation.** Without shortcuts, the tensor each head reads (``point.<j>``,
-one copy per task). With shortcuts the heads of lower tasks feed the shared stages above
+one copy per task). Tasks at different depths then have their feature-level gradients on
+different tensors, which a feature-level method treats as orthogonal (their Gramian has
+zeros between them): gradient methods are better used at the parameter level here. With shortcuts the heads of lower tasks feed the shared stages above
 them, so no point is marked and feature-level balancing does not apply.
 """
 
