@@ -37,8 +37,9 @@ ELSEWHERE = {
     "famo",
     "equal",
 }
-# loss weightings and the methods that need parameter gradients: one level only
-PARAMETER_ONLY = {"fixed", "stch", "modo", "sdmgrad", "samo"}
+# loss weightings (no `level` option) and the methods that need parameter gradients
+NO_LEVEL = {"fixed", "stch", "auto_lambda"}
+PARAMETER_ONLY = NO_LEVEL | {"modo", "sdmgrad", "samo"}
 OPTIONS = {
     "fixed": ["balancer.options.weights={left: 0.3, right: 0.7}"],
     "samo": ["balancer.options.method=mgda", "balancer.options.rho=0.05"],
@@ -65,7 +66,7 @@ def test_method_trains_through_the_cli(
 
     # the run reports are checked by the report tests; here they would only cost time
     monkeypatch.setattr(polytask.report, "write_run_report", lambda run: None)
-    level_option = [] if name in {"fixed", "stch"} else [f"balancer.options.level={level}"]
+    level_option = [] if name in NO_LEVEL else [f"balancer.options.level={level}"]
     code = main(
         [
             "train",

@@ -65,7 +65,11 @@ class BackwardContext:
             statistics left unchanged; ``evaluation=True`` runs the model in evaluation
             mode). Methods that evaluate the losses at perturbed parameters (SAMO) change the
             parameters in place, call it, and restore them. None where the trainer cannot
-            provide it (a step in parts).
+            provide it. When the step is in parts, ``recompute(part=i)`` recomputes part
+            ``i``.
+        learning_rate: ``learning_rate(param) -> (lr, weight_decay)``: the current values of
+            the optimizer group that trains ``param`` (for methods that simulate an optimizer
+            step, such as Auto-Lambda's look-ahead); None outside a trainer.
     """
 
     shared_parameters: Sequence[nn.Parameter]
@@ -76,6 +80,7 @@ class BackwardContext:
     representation: RepresentationCapture | None = None
     parts: Sequence[Mapping[str, Tensor]] = ()
     recompute: Callable[..., dict[str, Tensor]] | None = None
+    learning_rate: Callable[[Tensor], tuple[float, float]] | None = None
 
     def scale(self, loss: Tensor) -> Tensor:
         """``loss`` multiplied by the loss scale (unchanged without a scaler)."""

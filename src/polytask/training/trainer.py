@@ -124,6 +124,7 @@ class Trainer:
             ):  # local: each process combines its own rows (see docs/distributed.md)
                 components.balancer.collective = JacobianSync(self.dist)
         self._factors: Tensor | None = None
+        self._group_of: tuple[Any, dict[int, int]] | None = None
         self.state = _State()
         self.scaler = (
             torch.amp.GradScaler(components.device.type)
@@ -495,7 +496,7 @@ class Trainer:
             n = local_n.numel()
             total_n = both[:n]
             factors = local_n * self.dist.world / total_n.clamp_min(1.0)
-            self._factors = factors[:k]
+            self._factors = factors  # part p's tasks at [p * k, (p + 1) * k)
             # the value of each loss is the global one (what the balancer reads: a method whose
             # weights depend on the losses' values, such as FAMO's log, sees the single-process
             # values), its gradient this process's share of the global gradient
@@ -540,9 +541,8 @@ class Trainer:
                 parts=[{t: part[t] for t in present} for part in part_losses]
                 if len(part_losses) > 1
                 else (),
-                recompute=None
-                if len(part_losses) > 1
-                else functools.partial(self._recompute, batches, present),
+                recompute=functools.partial(self._recompute, parts, present),
+                learning_rate=self._learning_rate,
             )
             penalty = c.model.regularization()
             if penalty is not None:
@@ -585,44 +585,71 @@ class Trainer:
         self, batches: Mapping[str, Any], present: Mapping[str, Tensor]
     ) -> dict[str, Tensor]:
         """The losses of the same batch with the updated parameters (for FAMO-like methods)."""
-        return self._recompute(batches, present)
+        return self._recompute([batches], present)
+
+    def _learning_rate(self, param: Tensor) -> tuple[float, float]:
+        """The current learning rate and weight decay of ``param``'s optimizer group."""
+        groups = self.c.optimizer.param_groups
+        index = self._group_of
+        if (
+            index is None
+            or index[0] is not self.c.optimizer
+            or len(index[1]) != sum(len(g["params"]) for g in groups)
+        ):  # (re)built when the optimizer or its parameters change
+            index = self._group_of = (
+                self.c.optimizer,
+                {id(p): i for i, g in enumerate(groups) for p in g["params"]},
+            )
+        i = index[1].get(id(param))
+        if i is None:
+            raise ValueError("the parameter is not trained by this run's optimizer")
+        return float(groups[i]["lr"]), float(groups[i].get("weight_decay", 0.0))
 
     def _recompute(
-        self, batches: Mapping[str, Any], present: Mapping[str, Tensor], *, evaluation: bool = False
+        self,
+        parts: Sequence[Mapping[str, Any]],
+        present: Mapping[str, Tensor],
+        *,
+        evaluation: bool = False,
+        part: int | None = None,
+        values: Mapping[Tensor, Tensor] | None = None,
     ) -> dict[str, Tensor]:
-        """The ``present`` tasks' losses of ``batches`` at the parameters' current values: a
-        new forward pass (with a graph where gradients are enabled), under the run's autocast,
-        rescaled like the step's losses when several processes train; BatchNorm statistics
-        are left as they were. ``evaluation``: in evaluation mode (no dropout, running
-        statistics)."""
+        """The ``present`` tasks' losses of one part of the step at the parameters' current
+        values: a new forward pass (with a graph where gradients are enabled), under the run's
+        autocast, rescaled like the step's losses when several processes train.
+
+        The forward pass reads copies of the model's buffers, so BatchNorm statistics (and
+        any other buffer) stay as they were, and nothing the step's own graph saved is
+        written in place. ``evaluation``: in evaluation mode (no dropout, running
+        statistics). ``part``: the index of the step's part (required when the step is in
+        several parts). ``values``: ``{parameter: tensor}`` used instead of those parameters
+        (``torch.func.functional_call``; the parameters themselves are not touched, so the
+        step's graph stays valid)."""
         c = self.c
-        # a second forward in training mode would update BatchNorm statistics twice per step:
-        # their momentum is 0 during it (the running statistics are then left exactly as
-        # they were, without an in-place write after the forward, which the graph's backward
-        # would refuse), and every other buffer that changed is restored
-        buffers = {name: b.clone() for name, b in c.model.named_buffers()}
-        norms = [
-            m
-            for m in c.model.modules()
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-        ]
-        momenta = [m.momentum for m in norms]
-        was_training = c.model.training
+        if part is None and len(parts) != 1:
+            raise ValueError(f"this step is in {len(parts)} parts: recompute(part=i)")
+        index = 0 if part is None else part
+        batches = parts[index]
+        state: dict[str, Tensor] = {name: b.clone() for name, b in c.model.named_buffers()}
+        if values:
+            names = {id(p): name for name, p in c.model.named_parameters()}
+            unknown = [v for v in values if id(v) not in names]
+            if unknown:
+                raise ValueError("recompute(values=...): a key is not a parameter of the model")
+            state.update({names[id(p)]: v for p, v in values.items()})
+        model = c.model
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return torch.func.functional_call(model, state, args, kwargs)
+
+        was_training = model.training
         if evaluation:
-            c.model.eval()
+            model.eval()
         try:
-            for m in norms:
-                m.momentum = 0.0
             with autocast(c.device, self.cfg.train.precision):
-                outputs = list(forward_step(c.model, c.tasks, batches))
+                outputs = list(forward_step(cast(MultiTaskModel, call), c.tasks, batches))
         finally:
-            c.model.train(was_training)
-            for m, momentum in zip(norms, momenta, strict=True):
-                m.momentum = momentum
-            with torch.no_grad():
-                for name, b in c.model.named_buffers():
-                    if not torch.equal(b, buffers[name]):
-                        b.copy_(buffers[name])
+            model.train(was_training)
         losses = {
             name: c.tasks[name].compute_loss(pred.float(), target, mask)
             for name, pred, target, mask in outputs
@@ -630,7 +657,10 @@ class Trainer:
         }
         if self.dist.active and self._factors is not None:  # rescaled like the step's losses
             order = [n for n, *_ in outputs]
-            losses = {t: v * self._factors[order.index(t)].to(v.dtype) for t, v in losses.items()}
+            offset = index * len(order)
+            losses = {
+                t: v * self._factors[offset + order.index(t)].to(v.dtype) for t, v in losses.items()
+            }
         return losses
 
     def _averaged_parameters(self) -> list[torch.nn.Parameter]:

@@ -1,5 +1,6 @@
 """Loss-level balancing methods."""
 
+from .auto_lambda import AutoLambda
 from .dwa import DWA
 from .equal import Equal
 from .famo import FAMO
@@ -9,4 +10,14 @@ from .rlw import RLW
 from .stch import STCH
 from .uncertainty import UncertaintyWeighting
 
-__all__ = ["DWA", "FAMO", "GLS", "RLW", "STCH", "Equal", "FixedWeights", "UncertaintyWeighting"]
+__all__ = [
+    "DWA",
+    "FAMO",
+    "GLS",
+    "RLW",
+    "STCH",
+    "AutoLambda",
+    "Equal",
+    "FixedWeights",
+    "UncertaintyWeighting",
+]
