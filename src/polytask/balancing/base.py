@@ -59,14 +59,16 @@ class BackwardContext:
             with its own graph), in order; the ``losses`` given to ``backward`` are then their
             sample-weighted mean, the loss of the whole batch. Empty otherwise. A step with
             fewer samples than ``P`` (the last batch of an epoch) has fewer parts.
-        recompute: ``recompute(evaluation=False) -> {task: loss}``: the step's per-task losses
-            recomputed on the same batch at the parameters' *current* values (a new forward
-            pass, with a graph unless gradients are disabled; the run's autocast; BatchNorm
-            statistics left unchanged; ``evaluation=True`` runs the model in evaluation
-            mode). Methods that evaluate the losses at perturbed parameters (SAMO) change the
-            parameters in place, call it, and restore them. None where the trainer cannot
-            provide it. When the step is in parts, ``recompute(part=i)`` recomputes part
-            ``i``.
+        recompute: ``recompute(evaluation=False, part=None, values=None) -> {task: loss}``:
+            the step's per-task losses recomputed on the same batch (``part=i``: on part
+            ``i`` of a step in parts) by a new forward pass, with a graph unless gradients are
+            disabled, under the run's autocast; the model's buffers (BatchNorm statistics)
+            are read from copies, so they are left unchanged and nothing the step's own graph
+            saved is written in place. At the parameters' current values, or at ``values``
+            (``{parameter: tensor}``, through ``torch.func.functional_call``: the parameters
+            themselves are not touched). ``evaluation=True`` runs the model in evaluation
+            mode. Methods that evaluate losses at other parameter values (SAMO, Auto-Lambda)
+            use it. None outside a trainer.
         learning_rate: ``learning_rate(param) -> (lr, weight_decay)``: the current values of
             the optimizer group that trains ``param`` (for methods that simulate an optimizer
             step, such as Auto-Lambda's look-ahead); None outside a trainer.
