@@ -531,8 +531,8 @@ def JointManyTask(
     readout_grid: int | None = 1,
 ) -> TaskDepths:
     """The Joint Many-Task model: :class:`TaskDepths` with shortcuts, label embeddings and
-    successive regularisation (``successive``: delta, 0.01 by default as in JMT's
-    experiments for the higher tasks)."""
+    successive regularisation (``successive``: delta, 0.01 by default; the right value
+    depends on the scale of the task losses)."""
     return TaskDepths(
         tasks=tasks,
         backbone=backbone,
