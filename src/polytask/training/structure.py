@@ -76,8 +76,7 @@ def sample_losses(
     finally:
         model.train(was_training)
     return {
-        t: (torch.stack(losses[t]).detach().float().cpu(), torch.cat(labelled[t]))
-        for t in tasks
+        t: (torch.stack(losses[t]).detach().float().cpu(), torch.cat(labelled[t])) for t in tasks
     }
 
 

@@ -10,6 +10,9 @@ import pytest
 import torch
 
 from helpers import tiny_config_dict
+from polytask.balancing import BackwardContext
+from polytask.balancing.base import BALANCERS
+from polytask.balancing.gradient import GradientBalancer
 from polytask.config import Config, from_dict
 from polytask.losses import MSELoss
 from polytask.metrics import RegressionMetric
@@ -323,3 +326,40 @@ def test_greedy_search_comes_close_to_the_exhaustive_optimum() -> None:
         assert greedy >= exact - 1e-12
         worst = max(worst, greedy - exact)
     assert worst < 0.01
+
+
+def _feature_step(single_pass: bool) -> dict[str, torch.Tensor]:
+    model = _model()
+    model.adapt(AdaptContext(0, _losses_grouping([["a", "b"], ["c"], ["d"]])))
+    gen = torch.Generator().manual_seed(5)
+    x, y = torch.randn(9, 5, generator=gen), torch.randn(9, 2, generator=gen)
+    with capture_representation(model) as rep:
+        out = model(x)
+    losses = {t: ((out[t] - y * (i + 1)) ** 2).mean() for i, t in enumerate(NAMES)}
+    shared = list(model.shared_parameters())
+    others = [p for p in model.parameters() if all(p is not s for s in shared)]
+    balancer = BALANCERS.get("upgrad")(tasks=NAMES, level="feature")
+    assert isinstance(balancer, GradientBalancer)
+    balancer.feature_single_pass = single_pass
+    balancer.backward(
+        losses,
+        BackwardContext(shared_parameters=shared, other_parameters=others, representation=rep),
+    )
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_feature_level_one_pass_equals_one_pass_per_task_after_a_split() -> None:
+    one, per_task = _feature_step(True), _feature_step(False)
+    assert (
+        one.keys()
+        == per_task.keys()
+        == {n for n, _ in _model().named_parameters()}
+        | {
+            "layers.1.1.0.weight",
+            "layers.1.1.0.bias",
+            "layers.1.2.0.weight",
+            "layers.1.2.0.bias",
+        }
+    )
+    for name in one:
+        assert torch.allclose(one[name], per_task[name], atol=1e-6), name
