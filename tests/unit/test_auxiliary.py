@@ -338,3 +338,15 @@ def test_baseline_only_keeps_the_tasks_that_count() -> None:
     assert baseline.only(["a"]).values == {"a": {"x": 1.0}}
     with pytest.raises(ConfigError, match="none of the tasks that count"):
         baseline.only(["c"])
+
+
+def test_decoder_heads_predict_the_targets_shape() -> None:
+    from polytask.models import conv_decoder_head, decoder_head
+
+    task = reconstruction(name="recon", input_shape=(3, 8, 6)).task
+    flat = decoder_head(task, 10, hidden=4)
+    assert flat(torch.randn(2, 10)).shape == (2, 3, 8, 6)
+    maps = conv_decoder_head(task, 5, hidden=4)
+    assert maps(torch.randn(2, 5, 4, 3)).shape == (2, 3, 8, 6)  # resized to 8 x 6
+    with pytest.raises(ConfigError, match="image target"):
+        conv_decoder_head(reconstruction(name="r", input_shape=(7,)).task, 5)
