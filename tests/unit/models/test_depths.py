@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from helpers import tiny_config_dict
+from polytask.api import resume, train
 from polytask.cli import main
 from polytask.errors import ConfigError
 from polytask.losses import CrossEntropyLoss, MSELoss
@@ -30,6 +32,9 @@ from polytask.models import (
 from polytask.models.backbones import MLP, LeNet
 from polytask.models.sharing import HardSharing, TaskDepths
 from polytask.tasks import Task
+from polytask.training.checkpoint import load_checkpoint
+from polytask.training.rundir import RunDirectory
+from polytask.training.trainer import StepEnd
 
 TASKS = {
     "a": Task(
@@ -388,3 +393,35 @@ def test_each_head_reads_its_own_copy_of_its_point() -> None:
     with capture_representation(jmt) as rep:
         jmt(x_mlp())
     assert rep is not None and rep.points == []
+
+
+def test_an_interrupted_jmt_run_resumed_ends_like_an_uninterrupted_one(tmp_path: Path) -> None:
+    """JMT on the staged small_cnn with successive regularisation: the anchors refreshed at
+    the end of epoch 1 are in its checkpoint, so a run stopped in epoch 2 and resumed ends
+    with the same weights, anchors and test results."""
+    config = {
+        "model.architecture": "jmt",
+        "model.options": {"depths": {"left": 2}, "successive": 0.1},
+        "data.options.n_train": 64,
+    }
+    first, whole = train(tiny_config_dict(tmp_path / "a", **config), console=False)
+
+    def interrupt(info: StepEnd) -> None:
+        if info.global_step == 3:  # in epoch 2 (2 steps per epoch)
+            raise KeyboardInterrupt
+
+    run_dir = tmp_path / "b" / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            tiny_config_dict(tmp_path / "b", **config),
+            run_dir=run_dir,
+            step_callbacks=[interrupt],
+            console=False,
+        )
+    assert resume(run_dir, console=False)["test"] == whole["test"]
+    a = load_checkpoint(first.last_checkpoint)["model"]
+    b = load_checkpoint(RunDirectory(run_dir).last_checkpoint)["model"]
+    assert any(name.startswith("anchors.") for name in a)
+    assert a.keys() == b.keys()
+    for name, value in a.items():
+        assert torch.equal(value, b[name]), name
