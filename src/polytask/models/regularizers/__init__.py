@@ -8,12 +8,14 @@ from .base import (
     attach_regularizers,
     select_layers,
 )
+from .clustered import ClusteredTasks
 from .group_lasso import GroupLasso
 from .task_covariance import TaskCovariance
 from .tensor_normal import TensorNormal
 
 __all__ = [
     "REGULARIZERS",
+    "ClusteredTasks",
     "GroupLasso",
     "RegularizerSpec",
     "TaskCovariance",
