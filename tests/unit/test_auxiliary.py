@@ -301,6 +301,7 @@ def test_auxiliary_task_changes_neither_selection_nor_delta_m(
             **{
                 "task_settings": settings,
                 "train.epochs": 3,
+                "data.options.n_train": 64,
                 "eval.baseline": str(tmp_path / "baseline.json"),
             },
         )
@@ -315,6 +316,9 @@ def test_auxiliary_task_changes_neither_selection_nor_delta_m(
         return EvalResult(metrics=TEST_METRICS, losses={"left": 1.0, "right": 1.0})
 
     monkeypatch.setattr(Trainer, "_evaluate", evaluate)
+    import polytask.report
+
+    monkeypatch.setattr(polytask.report, "write_run_report", lambda run: None)  # not tested here
     components = build_components(config)
     run = RunDirectory.create(tmp_path / "run", {"name": "t"})
     results = Trainer(components, run, console=False).fit()
