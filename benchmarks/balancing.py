@@ -36,6 +36,7 @@ from torch import Tensor
 from polytask.balancing import BALANCERS
 from polytask.balancing.base import BackwardContext, Balancer
 from polytask.balancing.gradient import GradientBalancer
+from polytask.errors import ConfigError
 from polytask.losses import MSELoss
 from polytask.metrics.classification import Accuracy
 from polytask.models import ARCHITECTURES, BACKBONES, MultiTaskModel, capture_representation
@@ -123,12 +124,48 @@ def build(
     opt = torch.optim.Adam(params, lr=1e-4)
     shared, others = resolve_shared(model, None)
 
+    parts = balancer.batch_parts if balancer is not None else 1
+    cuts = [(i * len(x) // parts, (i + 1) * len(x) // parts) for i in range(parts)]
+    slices = [(x[a:b], {t: v[a:b] for t, v in y.items()}) for a, b in cuts]
+    param_names = {id(p): n for n, p in model.named_parameters()}
+
+    def losses_of(
+        part: tuple[Tensor, dict[str, Tensor]], values: dict[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
+        inputs, targets = part
+        out = (
+            model(inputs)
+            if values is None
+            else torch.func.functional_call(model, values, (inputs,))
+        )
+        return {t: tasks[t].compute_loss(out[t], targets[t]) for t in names}
+
+    def recompute(
+        evaluation: bool = False, part: int | None = None, values: Any = None
+    ) -> dict[str, Tensor]:
+        """What the trainer's recompute does: a forward pass on buffer copies."""
+        state = {n: b.clone() for n, b in model.named_buffers()}
+        state.update({param_names[id(p)]: v for p, v in (values or {}).items()})
+        model.train(not evaluation)
+        try:
+            return losses_of(slices[0 if part is None else part], state)
+        finally:
+            model.train(True)
+
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         feature = balancer is not None and balancer.needs_representation
+        part_losses: list[dict[str, Tensor]] = []
         with capture_representation(model, feature) as rep:
-            out = model(x)
-        losses = {t: tasks[t].compute_loss(out[t], y[t]) for t in names}
+            if parts == 1:
+                losses = losses_of((x, y))
+            else:  # the trainer's parts: one forward per part, the batch loss their mean
+                part_losses = [losses_of(part) for part in slices]
+                sizes = [b - a for a, b in cuts]
+                losses = {
+                    t: sum(n * p[t] for n, p in zip(sizes, part_losses, strict=True)) / len(x)
+                    for t in names
+                }
         if balancer is None:
             for i, t in enumerate(names):
                 grads = torch.autograd.grad(
@@ -139,7 +176,12 @@ def build(
                         p.grad = g if p.grad is None else p.grad + g
         else:
             ctx = BackwardContext(
-                shared_parameters=shared, other_parameters=others, representation=rep
+                shared_parameters=shared,
+                other_parameters=others,
+                representation=rep,
+                parts=part_losses,
+                recompute=recompute,
+                learning_rate=lambda p: (1e-4, 0.0),
             )
             balancer.backward(losses, ctx)
         opt.step()
@@ -147,7 +189,7 @@ def build(
             balancer.after_optimizer_step(
                 None
                 if not balancer.needs_post_step_losses
-                else {t: v.detach() for t, v in losses.items()}
+                else {t: v.detach() for t, v in recompute().items()}
             )
 
     return step
@@ -211,6 +253,10 @@ def methods() -> list[tuple[str, str, dict[str, Any]]]:
         probe = BALANCERS.get(name)(tasks=["a", "b", "c"])
         if isinstance(probe, GradientBalancer):
             out.append((f"{name} (parameter)", name, {"level": "parameter"}))
+            try:  # methods that need parameter gradients (modo, sdmgrad, samo) refuse it
+                BALANCERS.get(name)(tasks=["a", "b", "c"], level="feature")
+            except ConfigError:
+                continue
             out.append((f"{name} (feature)", name, {"level": "feature"}))
         else:
             out.append((name, name, {}))
