@@ -18,6 +18,7 @@ from .linear import Constant, Mean, Sum
 from .mgda import MGDA
 from .moco import MoCo
 from .nash_mtl import NashMTL, NashMTLNotConverged
+from .ntkmtl import NTKMTL
 from .pcd import PCD
 from .pcgrad import PCGrad
 from .robust import Krum, TrimmedMean
@@ -30,6 +31,7 @@ __all__ = [
     "IMTL",
     "IMTLG",
     "MGDA",
+    "NTKMTL",
     "PCD",
     "SAMO",
     "AlignedMTL",
