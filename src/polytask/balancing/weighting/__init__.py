@@ -6,6 +6,7 @@ from .equal import Equal
 from .famo import FAMO
 from .fixed import FixedWeights
 from .gls import GLS
+from .ldc_mtl import LDCMTL
 from .rlw import RLW
 from .stch import STCH
 from .uncertainty import UncertaintyWeighting
@@ -14,6 +15,7 @@ __all__ = [
     "DWA",
     "FAMO",
     "GLS",
+    "LDCMTL",
     "RLW",
     "STCH",
     "AutoLambda",
