@@ -17,7 +17,8 @@ Fence markers (the first words after the opening fence):
 Other fences (``bash``, ``yaml``, ``text``) are not executed. The other tests keep the
 reference pages in line with the code: every key of ``Config`` (and of the grid file) is in the
 tables of ``docs/configuration.md`` (``docs/cli.md``) with its actual default, every command and
-option of ``polytask --help`` is in ``docs/cli.md``, and relative links and anchors resolve.
+option of ``polytask --help`` is in ``docs/cli.md``, relative links and anchors resolve, and
+the table of every balancing method in ``docs/balancing.md`` names exactly the built-in ones.
 
 Examples register components (backbones, data sets, ...); the registries, PyTorch's global
 settings and the random states are restored after each file, so files do not see each
@@ -50,6 +51,7 @@ from polytask import balancing, data, models  # noqa: F401
 from polytask.cli import main as cli_main
 from polytask.compare import GridSpec
 from polytask.config import Config
+from polytask.errors import ConfigError
 from polytask.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -331,3 +333,75 @@ def test_docs_exist() -> None:
         "configuration.md",
     }
     assert expected <= {p.name for p in DOCS.glob("*.md")}
+
+
+# -- the table of every balancing method ---------------------------------------------------
+
+GLANCE_HEADER = ["name", "method and paper", "levels", "cost per step", "state in checkpoints"]
+GLANCE_TASKS = ("a", "b", "c")
+
+
+def _builtin_balancers() -> set[str]:
+    """The registered balancing methods that polytask itself defines (tests may register
+    others for a while)."""
+    registry = balancing.BALANCERS
+    return {
+        name
+        for name in registry.names()
+        if getattr(registry.get(name), "__module__", "").startswith("polytask.")
+    }
+
+
+def _glance_rows() -> dict[str, list[str]]:
+    """``{method name: row}`` of the table of every method in docs/balancing.md."""
+    path = DOCS / "balancing.md"
+    tables = [rows for header, rows in _tables(path) if header == GLANCE_HEADER]
+    assert len(tables) == 1, f"docs/balancing.md: expected one table headed {GLANCE_HEADER}"
+    found: dict[str, list[str]] = {}
+    for row in tables[0]:
+        match = re.fullmatch(r"`([a-z0-9_]+)`", row[0])
+        assert match, f"docs/balancing.md: a row names {row[0]!r}, not one `method`"
+        assert match[1] not in found, f"docs/balancing.md: {match[1]} has two rows"
+        assert len(row) == len(GLANCE_HEADER) and all(row), f"docs/balancing.md: {row}"
+        found[match[1]] = row
+    return found
+
+
+def test_balancing_table_names_every_method() -> None:
+    """The table has one row per built-in balancing method, and no other row."""
+    written, registered = set(_glance_rows()), _builtin_balancers()
+    assert registered, "no balancing method is registered"
+    missing, extra = sorted(registered - written), sorted(written - registered)
+    assert not missing, f"docs/balancing.md's table of every method lacks {missing}"
+    assert not extra, f"docs/balancing.md's table of every method names unknown {extra}"
+
+
+def test_balancing_table_levels_and_state() -> None:
+    """Each row's levels are those the method accepts (default first; `loss` for a loss
+    weighting), its cost names only those levels, and "none" is the state of exactly the
+    methods whose state dict holds nothing (rows of unknown names fail the test above)."""
+    rows = _glance_rows()
+    for name in sorted(rows.keys() & _builtin_balancers()):
+        row = rows[name]
+        factory = balancing.BALANCERS.get(name)
+        method = factory(tasks=GLANCE_TASKS)
+        levels, cost, state = row[2], row[3], row[4]
+        if isinstance(method, balancing.GradientBalancer):
+            accepted = []
+            for level in ("parameter", "feature"):
+                try:
+                    factory(tasks=GLANCE_TASKS, level=level)
+                except (ConfigError, TypeError):
+                    continue
+                accepted.append(level)
+            expected = [method.level, *(lv for lv in accepted if lv != method.level)]
+            assert re.findall(r"`(\w+)`", levels) == expected, (name, levels, expected)
+            assert ("only" in levels) == (len(expected) == 1), (name, levels)
+            for level in ("parameter", "feature"):
+                assert f"({level})" not in cost or level in accepted, (name, cost)
+        else:
+            assert levels == "`loss`", (name, levels)
+            assert cost.startswith("1 backward"), (name, cost)
+        saved = method.state_dict()
+        stateless = all(key.endswith("_extra_state") and not v for key, v in saved.items())
+        assert (state == "none") == stateless, (name, state, sorted(saved))
