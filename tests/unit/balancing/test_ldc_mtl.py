@@ -179,15 +179,22 @@ def test_state_round_trip_after_training() -> None:
     state = balancer.state_dict()
     restored = build({"reference": "every_epoch"})
     restored.load_state_dict(state)
-    assert restored.get_extra_state() == {"reread": True}
+    assert restored.get_extra_state() == balancer.get_extra_state()
+    assert restored.get_extra_state()["reread"] is True
     assert torch.equal(restored.reference_losses, balancer.reference_losses)
+    assert bool(torch.isfinite(restored.reference_losses).all())
     losses = dict(zip(NAMES, net.losses(9), strict=True))
     a, wa = balancer.combine(losses)
     b, wb = restored.combine(losses)
     assert torch.equal(a, b) and all(torch.equal(wa[t], wb[t]) for t in NAMES)
     assert torch.allclose(restored.reference_losses, torch.stack(list(losses.values())).detach())
-    with pytest.raises(CheckpointError):
-        restored.set_extra_state({"reread": "yes"})
+    for bad in (
+        {"reread": "yes", "references": {}},
+        {"reread": True},
+        {"reread": True, "references": {"z": 1.0}},
+    ):
+        with pytest.raises(CheckpointError):
+            restored.set_extra_state(bad)
 
 
 def test_is_a_balancer_with_one_parameter_per_task() -> None:

@@ -83,11 +83,11 @@ class LDCMTL(LossWeighting):
         init: the initial ``p_k`` (weights ``sigmoid(init)``).
 
     State (saved in checkpoints): the parameters ``p`` (trained by the run's optimizer, whose
-    moments are saved with it), the reference losses ``L^0`` (a buffer) and whether they are to
-    be read again at the next step (extra state).
+    moments are saved with it); the reference losses ``L^0`` and whether they are to be read
+    again at the next step (extra state). Cost: one backward pass; the device is read only
+    when ``L^0`` is (and, with ``normalization="log"``, once per step for the check that the
+    losses are positive).
     """
-
-    reference_losses: Tensor
 
     def __init__(
         self,
@@ -114,10 +114,8 @@ class LDCMTL(LossWeighting):
         start = check_number_option("init", init, low=-30.0, high=30.0)
         self._index = {t: i for i, t in enumerate(self.task_names)}
         self.logits = nn.ParameterList(nn.Parameter(torch.full((), start)) for _ in self.task_names)
-        self.register_buffer(
-            "reference_losses",
-            torch.full((len(self.task_names),), math.nan, dtype=torch.float64),
-        )
+        #: ``L^0`` per task (Python floats: reading them costs no device synchronisation)
+        self._references: dict[str, float] = {}
         self._reread = False
 
     def extra_repr(self) -> str:
@@ -138,32 +136,37 @@ class LDCMTL(LossWeighting):
         if self.reference == "every_epoch":
             self._reread = True
 
-    def _record(self, names: Sequence[str], losses: Mapping[str, Tensor]) -> None:
-        """Read ``L^0`` for the tasks that have none yet (all of them after a re-read)."""
-        index = [self._index[t] for t in names]
-        known = self.reference_losses[index]
-        if not self._reread and bool(torch.isfinite(known).all()):
-            return
-        reduced = self.reduce_losses({t: losses[t] for t in names})
-        values = torch.stack([reduced[t] for t in names]).to(
-            device=self.reference_losses.device, dtype=torch.float64
+    @property
+    def reference_losses(self) -> Tensor:
+        """``L^0`` of each task in :attr:`task_names` order (NaN: not read yet), float64."""
+        return torch.tensor(
+            [self._references.get(t, math.nan) for t in self.task_names], dtype=torch.float64
         )
-        usable = torch.isfinite(values) & (values > 0)
-        if not self._reread:
-            usable &= ~torch.isfinite(known)
-        with torch.no_grad():
-            for i, ok, value in zip(index, usable.tolist(), values.tolist(), strict=True):
-                if ok:
-                    self.reference_losses[i] = value
+
+    def _record(self, names: Sequence[str], losses: Mapping[str, Tensor]) -> None:
+        """Read ``L^0`` (the losses' means over processes) for the tasks that have none yet,
+        or for all of them after a re-read; a loss that is not a positive finite number is
+        not kept (the task is read again at its next step)."""
+        wanted = list(names) if self._reread else [t for t in names if t not in self._references]
         self._reread = False
+        if not wanted:
+            return
+        reduced = self.reduce_losses({t: losses[t] for t in wanted})
+        values = torch.stack([reduced[t] for t in wanted]).double().tolist()  # one sync
+        for t, value in zip(wanted, values, strict=True):
+            if math.isfinite(value) and value > 0:
+                self._references[t] = value
 
     def _normalized(self, names: Sequence[str], values: Tensor) -> Tensor:
         if self.normalization == "none":
             return values
         if self.normalization == "ratio":
             return values * self._ratio_scale(names, values)
-        index = [self._index[t] for t in names]
-        ref = self.reference_losses[index].to(device=values.device, dtype=values.dtype)
+        ref = torch.tensor(
+            [self._references.get(t, math.nan) for t in names],
+            device=values.device,
+            dtype=values.dtype,
+        )
         known = torch.isfinite(ref)
         if bool((values.detach() <= 0).any()):  # one synchronisation per step
             bad = [t for t, v in zip(names, values.tolist(), strict=True) if v <= 0]
@@ -226,11 +229,12 @@ class LDCMTL(LossWeighting):
     def _ratio_scale(self, names: Sequence[str], like: Tensor) -> Tensor:
         """``1 / r_k = min_j L^0_j / L^0_k``; 1 for a task without a reference yet (its loss
         was never positive)."""
-        index = [self._index[t] for t in names]
-        ref = self.reference_losses[index].to(device=like.device, dtype=like.dtype)
-        recorded = self.reference_losses[torch.isfinite(self.reference_losses)]
-        smallest = float(recorded.min()) if recorded.numel() else 1.0
-        return torch.where(torch.isfinite(ref), smallest / ref, torch.ones_like(ref))
+        smallest = min(self._references.values(), default=1.0)
+        return torch.tensor(
+            [smallest / self._references[t] if t in self._references else 1.0 for t in names],
+            device=like.device,
+            dtype=like.dtype,
+        )
 
     def weights(self, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The effective multipliers ``dL / dL_k`` at these losses (detached)."""
@@ -243,12 +247,20 @@ class LDCMTL(LossWeighting):
         return self._multipliers(names, values, self._normalized(names, values), sigma, losses)
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"reread": self._reread}
+        return {"references": dict(self._references), "reread": self._reread}
 
     def set_extra_state(self, state: Any) -> None:
-        if not isinstance(state, dict) or not isinstance(state.get("reread", False), bool):
+        references = state.get("references") if isinstance(state, dict) else None
+        if (
+            not isinstance(state, dict)
+            or not isinstance(state.get("reread"), bool)
+            or not isinstance(references, dict)
+            or any(t not in self._index for t in references)
+        ):
             raise CheckpointError(
-                f"the ldc_mtl balancer state should be a dict with a boolean 'reread', found "
+                "the ldc_mtl balancer state should be a dict with a boolean 'reread' and "
+                f"'references' ({{task: loss}} for tasks of {list(self.task_names)}), found "
                 f"{state!r}"
             )
-        self._reread = bool(state.get("reread", False))
+        self._references = {str(t): float(v) for t, v in references.items()}
+        self._reread = state["reread"]
