@@ -73,9 +73,12 @@ class NTKMTL(GramianWeighting):
     - Not implemented: ``n > 1`` samples per task (the paper's general form, left commented
       out in the official code as "not used in experiments") and NTKMTL-SR's ``n = 4``
       (per-part representation gradients, eigenvalues of ``n x n`` kernels, the weights
-      applied to the losses, so that the task heads are weighted too). Here every other
-      parameter, a task's head included, gets the unweighted gradient of ``sum_k L_k``, as
-      in the official ``NTKMTL`` class.
+      applied to the losses, so that the task heads are weighted too). NTKMTL-SR needs the
+      representation of each part of a batch, which the balancing contract does not give:
+      the trainer refuses a balancer that both cuts batches into parts
+      (``batch_parts > 1``) and reads the representation. Here every other parameter, a
+      task's head included, gets the unweighted gradient of ``sum_k L_k``, as in the
+      official ``NTKMTL`` class.
 
     Args:
         tasks: task names.
