@@ -354,3 +354,18 @@ def test_decoder_heads_predict_the_targets_shape() -> None:
     assert maps(torch.randn(2, 5, 4, 3)).shape == (2, 3, 8, 6)  # resized to 8 x 6
     with pytest.raises(ConfigError, match="image target"):
         conv_decoder_head(reconstruction(name="r", input_shape=(7,)).task, 5)
+
+
+def test_grid_tasks_are_every_runs_and_auxiliary_if_any_run_says_so() -> None:
+    from polytask.compare import grid_tasks
+
+    hib = {"left": {"accuracy": True}, "right": {"accuracy": True}}
+    runs = {
+        "a": [{"higher_is_better": hib, "auxiliary": []}],
+        "b": [{"higher_is_better": {**hib, "recon": {"mae": False}}, "auxiliary": ["recon"]}],
+        "c": [{"higher_is_better": hib, "auxiliary": ["right"]}],
+        "old": [{"higher_is_better": hib}],  # written before results named auxiliary tasks
+    }
+    tasks, auxiliary = grid_tasks(runs)
+    assert list(tasks) == ["left", "right", "recon"]
+    assert auxiliary == ["recon", "right"]
