@@ -95,7 +95,6 @@ from ..base import (
 __all__ = [
     "FAFS",
     "branch_affinity",
-    "describe_branches",
     "grouping_loss",
     "partitions",
     "search_grouping",
@@ -519,14 +518,3 @@ class FAFS(MultiTaskModel):
                 if self.groups[layer][b] == (task,):
                     yield from module.parameters()
         yield from self.heads[task].parameters()
-
-
-def describe_branches(structure: Mapping[str, Any]) -> list[str]:
-    """One line per layer (top first): its branches and their tasks, for logs and reports."""
-    groups = structure.get("groups") or structure.get("branches") or []
-    lines = []
-    for layer in reversed(range(len(groups))):
-        parts = ["{" + ", ".join(g) + "}" for g in groups[layer]]
-        plural = "es" if len(parts) != 1 else ""
-        lines.append(f"layer {layer}: {len(parts)} branch{plural} " + " ".join(parts))
-    return lines
