@@ -4,8 +4,11 @@ one process group.
 ``python -m torch.distributed.run --nproc-per-node N ddp_runner.py PLAN.json``; the plan is
 a list of ``{"run_dir": ..., "config": {...}}`` (train; ``"stop_at": S`` stops it as if
 the processes died at global step S), ``{"run_dir": ..., "resume": true}`` (resume) or
-``{"compare": GRID_FILE, "errors": FOLDER}`` (``polytask compare``; an error of it is written
-to ``FOLDER/rank-R`` as ``TYPE: MESSAGE`` and ends the plan, as it ends the job).
+``{"compare": GRID_FILE, "errors": FOLDER}`` (``polytask compare``; an error of it, raised
+on every process at the same point, is written to ``FOLDER/rank-R`` as ``TYPE: MESSAGE``) or,
+last (the command line leaves the process group), ``{"cli": ARGS, "signal_at": S, "out":
+FOLDER}``: ``polytask ARGS`` with SIGTERM sent to rank 1 only after global step S (see
+:mod:`signal_runner`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import os
 import sys
 from pathlib import Path
 from typing import Any
+
+import signal_runner
 
 from polytask.api import resume, train
 from polytask.compare import run_grid
@@ -43,8 +48,10 @@ def main(plan_path: str) -> None:
                 errors.mkdir(parents=True, exist_ok=True)
                 message = f"{type(exc).__name__}: {exc}"
                 (errors / f"rank-{os.environ['RANK']}").write_text(message, encoding="utf-8")
-                return
             continue
+        if "cli" in item:
+            signal_runner.run("rank1", item["signal_at"], Path(item["out"]), item["cli"])
+            return
         try:
             if item.get("resume"):
                 resume(item["run_dir"], console=False, step_callbacks=[stop])

@@ -49,7 +49,10 @@ def run(who: str, step: int, out: Path, args: list[str]) -> int:
         return t
 
     api.Trainer = trainer  # type: ignore[misc]
-    code = main(args)
+    try:
+        code = main(args)
+    finally:
+        api.Trainer = original  # type: ignore[misc]
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank-{rank}").write_text(f"{code} {trained[0]}", encoding="utf-8")
     return code

@@ -125,6 +125,8 @@ def _close(x: Any, y: Any, tol: float = 1e-5) -> bool:
 #: global step 6; resumed from the checkpoint at step 3
 INTERRUPTED = {"balancer.name": "uncertainty", "train.checkpoint_every_steps": 3}
 STOP_AT = 6
+#: the global step after which SIGTERM is sent (4 steps an epoch, 2 epochs)
+SIGNAL_AT = 2
 
 
 @pytest.fixture(scope="module")
@@ -155,9 +157,14 @@ def two_process_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     plan.append({"run_dir": str(folder / "two" / "local"), "config": local_config(folder)})
     grid = grid_file(folder / "grid", GRID_CELLS)
     plan.append({"compare": str(grid), "errors": str(folder / "grid" / "errors")})
-    # last: its error ends the plan
     failing = grid_file(folder / "failing", FAILING_CELLS)
     plan.append({"compare": str(failing), "errors": str(folder / "failing" / "errors")})
+    # last: the command line leaves the process group
+    recipe = folder / "signal" / "recipe.yaml"
+    recipe.parent.mkdir()
+    recipe.write_text(json.dumps(config(folder)), encoding="utf-8")
+    args = ["train", str(recipe), "--quiet", "--run-dir", str(folder / "signal" / "run")]
+    plan.append({"cli": args, "signal_at": SIGNAL_AT, "out": str(folder / "signal" / "exits")})
     done = torchrun(plan, folder)
     assert done.returncode == 0, "\n".join(
         line for line in done.stderr.splitlines() if "rror" in line or "rank" in line
@@ -254,7 +261,7 @@ def _children(parent: int) -> list[int]:
 # -- balancer.distributed: local ----------------------------------------------------------
 
 
-def local_config(output: Path, mode: str = "local") -> dict[str, Any]:
+def local_config(output: Path) -> dict[str, Any]:
     """MGDA at the parameter level, one plain SGD step (16 samples, batch 16, 1 epoch): the
     parameters' change divided by the learning rate is the step's gradient."""
     return config(
@@ -264,7 +271,7 @@ def local_config(output: Path, mode: str = "local") -> dict[str, Any]:
             "train.epochs": 1,
             "optim": {"name": "sgd", "lr": 0.5, "momentum": 0.0},
             "balancer.name": "mgda",
-            "balancer.distributed": mode,
+            "balancer.distributed": "local",
         },
     )
 
@@ -315,20 +322,16 @@ def local_oracle(cfg: dict[str, Any], shards: int) -> dict[str, torch.Tensor]:
 
 def test_local_aggregation(two_process_runs: Path, tmp_path: Path) -> None:
     """``local``: 2 processes equal the mean of the aggregations of the two halves of the
-    batch (not the aggregation of the whole batch); on 1 process ``local`` is ``global``."""
-    one_local, one_global = tmp_path / "one_local", tmp_path / "one_global"
-    train(local_config(tmp_path), run_dir=one_local, console=False)
-    train(local_config(tmp_path, "global"), run_dir=one_global, console=False)
-    model = {
-        name: load_checkpoint(run / "checkpoints/last.pt")["model"]
-        for name, run in (("one_local", one_local), ("one_global", one_global))
-    }
+    batch (not the aggregation of the whole batch); on 1 process ``local`` is the
+    single-process method (the aggregation of the whole batch)."""
+    one = tmp_path / "one_local"
+    train(local_config(tmp_path), run_dir=one, console=False)
+    one_model = load_checkpoint(one / "checkpoints/last.pt")["model"]
     two = load_checkpoint(two_process_runs / "two" / "local" / "checkpoints/last.pt")["model"]
     halves = local_oracle(local_config(tmp_path), 2)
     whole = local_oracle(local_config(tmp_path), 1)
     for name, value in whole.items():
-        assert torch.equal(model["one_local"][name], model["one_global"][name]), name
-        torch.testing.assert_close(model["one_local"][name], value, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(one_model[name], value, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(two[name], halves[name], rtol=1e-5, atol=1e-6)
     # the two computations differ on the shared parameters: local is not the method of one
     # process on the whole batch
@@ -392,3 +395,21 @@ def test_failing_cell_on_two_processes(two_process_runs: Path, tmp_path: Path) -
             str(run_dir), str(errors.parent / "grids/g/diverge/seed-0")
         )
     assert lock_holder(errors.parent / "grids" / "g") is None
+
+
+# -- a signal to one process ---------------------------------------------------------------
+
+
+def test_signal_to_one_process(two_process_runs: Path, tmp_path: Path) -> None:
+    """SIGTERM to rank 1 only (not to the launcher): both processes stop after the same
+    step (agreed by the per-step all_reduce; neither is left waiting in a collective) with
+    exit code 143, rank 0 writes the checkpoint, and resume ends as the uninterrupted run."""
+    folder = two_process_runs / "signal"
+    exits = {p.name: p.read_text().split() for p in (folder / "exits").iterdir()}
+    assert exits == {"rank-0": ["143", str(SIGNAL_AT)], "rank-1": ["143", str(SIGNAL_AT)]}
+    run_dir = folder / "run"
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["global_step"] == SIGNAL_AT
+    reference = tmp_path / "reference"
+    train(config(tmp_path), run_dir=reference, console=False)
+    resume(run_dir, console=False)
+    assert_same_state(reference, run_dir)
