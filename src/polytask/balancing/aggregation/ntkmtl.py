@@ -4,16 +4,27 @@ trace, to a power (``w_k = (tr G / G_kk)^exponent``)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from ..base import BALANCERS
-from ..gradient import GramianWeighting, Level
-from ._common import check_number_option
+from ...errors import ConfigError, TrainingDiverged
+from ..base import BALANCERS, BackwardContext
+from ..gradient import GramianWeighting, Level, _accumulate, _unflatten, one_blas_thread
+from ._common import check_int_option, check_number_option
+from .double_sampling import cross_product
 
 __all__ = ["NTKMTL", "ntk_weights"]
+
+
+def _from_eigenvalues(eigenvalues: Tensor, exponent: float) -> Tensor:
+    """``(sum_j lambda_j / lambda_k)^exponent``; 0 where ``lambda_k`` is 0."""
+    values = eigenvalues.clamp_min(0.0)
+    live = values > 0
+    weights = torch.zeros_like(values)
+    weights[live] = (values.sum() / values[live]) ** exponent
+    return weights
 
 
 def ntk_weights(gramian: Tensor, exponent: float) -> Tensor:
@@ -22,13 +33,7 @@ def ntk_weights(gramian: Tensor, exponent: float) -> Tensor:
     With one sample per task the task's NTK is the 1 x 1 matrix ``||g_k||^2 = G_kk``, its
     largest eigenvalue ``lambda_k = G_kk``, and ``sum_j lambda_j = tr G``.
     """
-    g = gramian.detach().to(dtype=torch.float64)
-    diagonal = g.diagonal().clamp_min(0.0)
-    trace = diagonal.sum()
-    live = diagonal > 0
-    weights = torch.zeros_like(diagonal)
-    weights[live] = (trace / diagonal[live]) ** exponent
-    return weights
+    return _from_eigenvalues(gramian.detach().to(dtype=torch.float64).diagonal(), exponent)
 
 
 @BALANCERS.register("ntkmtl")
@@ -58,6 +63,16 @@ class NTKMTL(GramianWeighting):
     whose gradient is exactly zero gets weight 0 (the formula's ``1 / 0``; its row adds
     nothing); if every gradient is zero the update is zero.
 
+    With ``samples = n > 1`` (parameter level only) the trainer cuts every batch into ``n``
+    disjoint parts (:attr:`~polytask.balancing.base.Balancer.batch_parts`), each task's
+    kernel is the ``n x n`` matrix ``J_k J_k^T`` of its ``n`` part gradients, ``lambda_k``
+    its largest eigenvalue, and ``d = sum_k w_k mean_p g_kp``; every other parameter gets the
+    mean over the parts of the gradient of ``sum_k L_k`` (the official code's form, commented
+    out there: per-sample gradients averaged without weights; for parts of unequal size, the
+    last short batch of an epoch, that differs from the whole batch's gradient). Cost: ``K``
+    backward passes per part, each through ``1/n`` of the batch, and ``n`` Jacobians in
+    memory.
+
     Levels: ``"parameter"`` (default) is the paper's NTKMTL (``n = 1``). ``"feature"`` uses
     the gradients of the shared representation, the rows NTKMTL-SR reads; with ``n = 1`` it
     is that approximation's weights applied to the representation's gradient.
@@ -70,8 +85,7 @@ class NTKMTL(GramianWeighting):
       ``||d|| <= max_norm`` (as ``nash_mtl``'s option), and ``optim.grad_clip`` clips the
       whole gradient. With Adam, the optimizer of every official experiment, a constant
       factor such as ``K`` only changes the effect of Adam's epsilon.
-    - Not implemented: ``n > 1`` samples per task (the paper's general form, left commented
-      out in the official code as "not used in experiments") and NTKMTL-SR's ``n = 4``
+    - Not implemented: NTKMTL-SR's ``n = 4``
       (per-part representation gradients, eigenvalues of ``n x n`` kernels, the weights
       applied to the losses, so that the task heads are weighted too). NTKMTL-SR needs the
       representation of each part of a batch, which the balancing contract does not give:
@@ -87,6 +101,8 @@ class NTKMTL(GramianWeighting):
             gradients; 0.5: the paper).
         max_norm: if positive, the weights are scaled down so that ``||d|| <= max_norm``;
             0 (default) keeps the paper's update.
+        samples: ``n``, the parts of each batch whose gradients form each task's kernel
+            (1: the official default; more: parameter level only).
 
     State: none (the weights are a function of the step's Gramian).
     """
@@ -97,20 +113,98 @@ class NTKMTL(GramianWeighting):
         level: Level = "parameter",
         exponent: float = 0.5,
         max_norm: float = 0.0,
+        samples: int = 1,
     ) -> None:
         super().__init__(tasks, level)
         self.exponent = check_number_option("exponent", exponent, low=0.0, high=10.0)
         self.max_norm = check_number_option("max_norm", max_norm, low=0.0)
+        self.samples = check_int_option("samples", samples, low=1)
+        if self.samples > 1 and level != "parameter":
+            raise ConfigError(
+                "balancer.options.samples: more than one sample per task needs the parameter "
+                f"gradients of each part of the batch; use level=parameter, found {level!r}."
+            )
+        self.batch_parts = self.samples
 
     def extra_repr(self) -> str:
-        return f"exponent={self.exponent:g}, max_norm={self.max_norm:g}, level={self.level!r}"
+        return (
+            f"exponent={self.exponent:g}, max_norm={self.max_norm:g}, samples={self.samples}, "
+            f"level={self.level!r}"
+        )
+
+    def cost(self, name: str) -> str:
+        if self.samples == 1:
+            return super().cost(name)
+        k = len(self.task_names)
+        return (
+            f"{name}: each batch cut into {self.samples} parts; {k} backward passes per part "
+            f"through the shared parameters (about {k} full-batch ones) and {self.samples} "
+            f"Jacobians of {k} rows (docs/balancing.md#gradient-level-methods)."
+        )
+
+    def _capped(self, weights: Tensor, gramian: Tensor) -> Tensor:
+        if self.max_norm > 0:
+            norm = math.sqrt(max(float(weights @ gramian @ weights), 0.0))
+            if norm > self.max_norm:
+                weights = weights * (self.max_norm / norm)
+        return weights
 
     def weights_from_gramian(self, gramian: Tensor) -> Tensor:
         """``(tr G / G_kk)^exponent`` per task, scaled down to ``max_norm`` if set."""
         g = gramian.detach().to(dtype=torch.float64)
-        weights = ntk_weights(g, self.exponent)
-        if self.max_norm > 0:
-            norm = math.sqrt(max(float(weights @ g @ weights), 0.0))
-            if norm > self.max_norm:
-                weights = weights * (self.max_norm / norm)
-        return weights.to(gramian.device)
+        return self._capped(ntk_weights(g, self.exponent), g).to(gramian.device)
+
+    def backward(self, losses: Mapping[str, Tensor], ctx: BackwardContext) -> dict[str, Tensor]:
+        parts = list(ctx.parts)
+        if len(parts) <= 1:
+            return super().backward(losses, ctx)
+        names = list(losses)
+        scale = ctx.grad_scaler.get_scale() if ctx.grad_scaler is not None else 1.0
+        others: list[Tensor] = list(ctx.other_parameters)
+        other_grads: list[Tensor | None] = [None] * len(others)
+        rows: list[Tensor] = []
+        for part in parts:
+            jacobian, _, grads = self._parameter_rows({t: part[t] for t in names}, ctx)
+            jacobian = jacobian.clone()  # the engine's buffer is reused by the next part
+            if scale != 1.0:
+                jacobian.div_(scale)
+            rows.append(self.synchronize(jacobian))
+            for i, g in enumerate(grads):
+                if g is not None:
+                    g = g / len(parts)
+                    previous = other_grads[i]
+                    other_grads[i] = g if previous is None else previous + g
+        mean = torch.stack(rows).mean(dim=0)
+        if all(bool(torch.isfinite(r).all()) for r in rows):
+            n = len(rows)
+            kernels = torch.empty((len(names), n, n), dtype=torch.float64)
+            for p in range(n):
+                for q in range(p, n):  # g_kp . g_kq in float64 column blocks, all k at once
+                    entries = cross_product(rows[p], rows[q]).diagonal().cpu()
+                    kernels[:, p, q] = kernels[:, q, p] = entries
+            self._gramian = self._gramian_of = None
+            with one_blas_thread():
+                largest = torch.linalg.eigvalsh(kernels.cpu())[:, -1]
+                gramian = self.gramian(mean).cpu()
+                weights = self._capped(_from_eigenvalues(largest, self.exponent), gramian)
+            weights = weights.to(device=mean.device, dtype=mean.dtype)
+            combined = weights @ mean
+            self._diagnostics = {"gramian": gramian.float()}
+        else:
+            if ctx.grad_scaler is None:
+                raise TrainingDiverged(
+                    f"a task gradient is not finite at step {ctx.step + 1}; try a lower "
+                    "optim.lr or optim.grad_clip."
+                )
+            combined = mean.sum(dim=0)  # non-finite: the scaler skips the step
+            weights = torch.ones(len(names), device=mean.device)
+            self._diagnostics = {}
+        if scale != 1.0:
+            combined = combined * scale
+        for param, own in zip(others, other_grads, strict=True):
+            if own is not None:
+                _accumulate(param, own)
+        targets = list(ctx.shared_parameters)
+        for target, piece in zip(targets, _unflatten(combined, targets), strict=True):
+            _accumulate(target, piece)
+        return {t: weights[i].detach() for i, t in enumerate(names)}
