@@ -612,3 +612,11 @@ def test_task_covariance_step_is_a_gradient_step_on_the_squared_trace_norm() -> 
     for p, d in zip(params, direct, strict=True):
         assert p.grad is not None and d.grad is not None
         torch.testing.assert_close(p.grad, d.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_an_architecture_that_changes_its_structure_is_refused() -> None:
+    """fafs replaces parameters when it widens: the selected weights would go stale."""
+    bundle = multidigits(n_train=8, n_val=4, n_test=4)
+    config = _config(architecture="fafs", regularizers=[{"name": "group_lasso"}])
+    with pytest.raises(ConfigError, match="changes its structure during training"):
+        build_model(config, bundle.tasks, bundle.input_shape)

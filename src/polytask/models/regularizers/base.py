@@ -251,6 +251,12 @@ def attach_regularizers(
 
     if not specs:
         return model
+    if model.structure() is not None:
+        raise ConfigError(
+            f"{where}: {type(model).__name__} changes its structure during training (its "
+            "parameters are replaced when it widens); regularisers select fixed parameters and "
+            "cannot be attached to it."
+        )
     if hasattr(model, "task_regularizers") and not isinstance(model, _Regularized):
         raise ConfigError(
             f"{type(model).__name__} already has an attribute `task_regularizers`; "
