@@ -183,12 +183,14 @@ def _cmd_list(args: argparse.Namespace) -> int:
     from .data import DATASETS
     from .metrics import METRICS
     from .models import ARCHITECTURES, BACKBONES, HEADS
+    from .models.regularizers import REGULARIZERS
     from .registry import Registry
 
     registries: list[tuple[str, Registry[Any]]] = [
         ("architectures", ARCHITECTURES),
         ("backbones", BACKBONES),
         ("heads", HEADS),
+        ("task regularizers", REGULARIZERS),
         ("balancing methods", BALANCERS),
         ("data sets", DATASETS),
         ("metrics", METRICS),

@@ -26,6 +26,7 @@ from polytask.cli import main
 from polytask.data import DATASETS
 from polytask.metrics import METRICS
 from polytask.models import ARCHITECTURES, BACKBONES, HEADS
+from polytask.models.regularizers import REGULARIZERS
 from polytask.report.tables import format_value
 
 #: Deliberately large: the command-line overrides below must shrink it.
@@ -298,6 +299,7 @@ def test_list_prints_the_registries(capsys: pytest.CaptureFixture[str]) -> None:
         "architectures": ARCHITECTURES,
         "backbones": BACKBONES,
         "heads": HEADS,
+        "task regularizers": REGULARIZERS,
         "balancing methods": BALANCERS,
         "data sets": DATASETS,
         "metrics": METRICS,
