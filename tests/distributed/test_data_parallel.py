@@ -157,6 +157,8 @@ def two_process_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     plan.append({"run_dir": str(folder / "two" / "local"), "config": local_config(folder)})
     grid = grid_file(folder / "grid", GRID_CELLS)
     plan.append({"compare": str(grid), "errors": str(folder / "grid" / "errors")})
+    # again: every run finished, skipped by both processes
+    plan.append({"compare": str(grid), "errors": str(folder / "grid" / "errors")})
     failing = grid_file(folder / "failing", FAILING_CELLS)
     plan.append({"compare": str(failing), "errors": str(folder / "failing" / "errors")})
     # last: the command line leaves the process group
@@ -364,7 +366,8 @@ def grid_file(folder: Path, cells: dict[str, Any]) -> Path:
 
 def test_compare_on_two_processes(two_process_runs: Path, tmp_path: Path) -> None:
     """Every cell trained by both processes: the grid's table is that of one process; only
-    rank 0 wrote (one set of files, the grid's lock released)."""
+    rank 0 wrote (one set of files, the grid's lock released); the grid run again (every
+    run finished) raised nothing and trained nothing."""
     one = run_grid(grid_file(tmp_path, GRID_CELLS), console=False)
     grid_dir = two_process_runs / "grid" / "grids" / "g"
     rows_one = json.loads((tmp_path / "grids" / "g" / "results.json").read_text())["rows"]
@@ -379,6 +382,9 @@ def test_compare_on_two_processes(two_process_runs: Path, tmp_path: Path) -> Non
     )
     assert lock_holder(grid_dir) is None
     assert not (two_process_runs / "grid" / "errors").exists()
+    for cell in GRID_CELLS:  # one epoch line per epoch: trained once
+        lines = (grid_dir / cell / "seed-0" / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == 2, cell
 
 
 def test_failing_cell_on_two_processes(two_process_runs: Path, tmp_path: Path) -> None:
