@@ -21,6 +21,7 @@ from .nash_mtl import NashMTL, NashMTLNotConverged
 from .ntkmtl import NTKMTL
 from .pcd import PCD
 from .pcgrad import PCGrad
+from .pivrg import PIVRG
 from .robust import Krum, TrimmedMean
 from .samo import SAMO
 from .upgrad import UPGrad
@@ -33,6 +34,7 @@ __all__ = [
     "MGDA",
     "NTKMTL",
     "PCD",
+    "PIVRG",
     "SAMO",
     "AlignedMTL",
     "AlignedMTLUB",
