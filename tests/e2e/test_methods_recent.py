@@ -38,7 +38,7 @@ ELSEWHERE = {
     "equal",
 }
 # loss weightings (no `level` option) and the methods that need parameter gradients
-NO_LEVEL = {"fixed", "stch", "auto_lambda", "ldc_mtl"}
+NO_LEVEL = {"fixed", "stch", "auto_lambda", "ldc_mtl", "consmtl"}
 PARAMETER_ONLY = NO_LEVEL | {"modo", "sdmgrad", "samo"}
 OPTIONS = {
     "fixed": ["balancer.options.weights={left: 0.3, right: 0.7}"],

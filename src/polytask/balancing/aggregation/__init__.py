@@ -3,6 +3,7 @@
 from .aligned_mtl import AlignedMTL, AlignedMTLUB
 from .cagrad import CAGrad
 from .conflict_free import ConFIG
+from .consmtl import ConsMTL
 from .cr_mogm import CRMOGM
 from .db_mtl import DBMTL
 from .double_sampling import MoDo, SDMGrad
@@ -40,6 +41,7 @@ __all__ = [
     "AlignedMTLUB",
     "CAGrad",
     "ConFIG",
+    "ConsMTL",
     "Constant",
     "DualProj",
     "ExcessMTL",
