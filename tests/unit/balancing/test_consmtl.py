@@ -10,18 +10,26 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy.optimize import least_squares
 from torch import Tensor
 
 from polytask.balancing import BALANCERS
-from polytask.balancing.aggregation import ConsMTL
+from polytask.balancing.aggregation import ConsMTL, FairGrad
 from polytask.balancing.base import BackwardContext, Balancer
+from polytask.data.nyuv2_tasks import nyuv2_tasks
 from polytask.errors import ConfigError
 from polytask.losses import CrossEntropyLoss
 from polytask.metrics.classification import Accuracy
-from polytask.models import MultiTaskModel, capture_representation
+from polytask.models import (
+    ARCHITECTURES,
+    BACKBONES,
+    MultiTaskModel,
+    capture_representation,
+)
 from polytask.models.backbones import MLP
 from polytask.models.heads import mlp_head
+from polytask.models.heads_dense import segnet_head
 from polytask.models.sharing import HardSharing
 from polytask.registry import call_with_options
 from polytask.tasks import Task
@@ -172,8 +180,6 @@ def test_the_extra_gradient_is_clipped_to_the_fraction_of_the_task_gradient() ->
 
 
 def test_lambda_zero_is_fairgrad_with_alpha_two() -> None:
-    from polytask.balancing.aggregation import FairGrad
-
     model = _model()
     x, y = _batch(1)
     _polytask_step(model, build({"lambda_": 0.0}), x, y)
@@ -213,3 +219,79 @@ def test_state_round_trip() -> None:
     assert restored.get_extra_state() == state
     assert set(state["weights"]) == set(NAMES)  # type: ignore[arg-type]
     assert [state["weights"][t] for t in NAMES] == pytest.approx([float(first[t]) for t in NAMES])  # type: ignore[index]
+
+
+ARCHITECTURE_CASES: list[tuple[str, bool, dict[str, Any]]] = [
+    ("hps", False, {}),
+    ("mmoe", False, {"input_shape": (6,), "num_experts": 3}),
+    ("ple", False, {"input_shape": (6,), "num_levels": 2}),
+    ("mtan", True, {}),
+    ("cross_stitch", True, {}),
+]
+
+
+def _architecture_step(
+    arch: str, image: bool, options: dict[str, Any], balancer: Balancer
+) -> tuple[dict[str, Tensor], set[str]]:
+    """One step of ``balancer`` on a fresh ``arch``: the gradients of every parameter and the
+    names of the shared ones."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    if image:
+        tasks = dict(nyuv2_tasks())
+        segnet = BACKBONES.get("segnet")
+        model = ARCHITECTURES.get(arch)(
+            tasks=tasks,
+            backbone=lambda: segnet(input_shape=(3, 32, 32), width=1 / 16),
+            head=segnet_head,
+            **options,
+        )
+        x = torch.rand(2, 3, 32, 32, generator=g)
+        depth = torch.rand(2, 1, 32, 32, generator=g)
+        y: dict[str, Tensor] = {
+            "semantic": torch.randint(-1, 13, (2, 32, 32), generator=g),
+            "depth": depth,
+            "normal": F.normalize(torch.randn(2, 3, 32, 32, generator=g), dim=1),
+        }
+    else:
+        tasks = dict(TASKS)
+        mlp = BACKBONES.get("mlp")
+        model = ARCHITECTURES.get(arch)(
+            tasks=tasks,
+            backbone=lambda: mlp(input_shape=(6,), hidden=(8,)),
+            head=lambda t, f: mlp_head(t, f, hidden=4),
+            **options,
+        )
+        x = torch.randn(10, 6, generator=g)
+        y = {t: torch.randint(0, 4, (10,), generator=g) for t in tasks}
+    with capture_representation(model, balancer.needs_representation) as rep:
+        out = model(x)
+    losses = {t: tasks[t].compute_loss(out[t], y[t]) for t in tasks}
+    shared = list(model.shared_parameters())
+    others = [p for p in model.parameters() if all(p is not s for s in shared)]
+    ctx = BackwardContext(shared_parameters=shared, other_parameters=others, representation=rep)
+    balancer.backward(losses, ctx)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return grads, {n for n, p in model.named_parameters() if any(p is s for s in shared)}
+
+
+@pytest.mark.parametrize(("arch", "image", "options"), ARCHITECTURE_CASES)
+def test_architectures_rows_from_the_representation_and_a_lower_level_on_task_parameters(
+    arch: str, image: bool, options: dict[str, Any]
+) -> None:
+    """The rows taken through the marked representation are the engine's parameter rows
+    (``lambda_ = 0`` is FairGrad with alpha = 2 run without a capture), and the lower level
+    changes only the gradients of parameters outside the shared ones."""
+    names = list(nyuv2_tasks()) if image else NAMES
+    fair, shared_names = _architecture_step(arch, image, options, FairGrad(names, alpha=2.0))
+    zero, _ = _architecture_step(arch, image, options, ConsMTL(names, lambda_=0.0))
+    full, _ = _architecture_step(arch, image, options, ConsMTL(names, lambda_=1.0, clip=0.5))
+    assert fair.keys() == zero.keys() == full.keys() and shared_names
+    changed = []
+    for n, g in fair.items():
+        assert torch.allclose(zero[n], g, rtol=1e-4, atol=1e-7), n
+        if n in shared_names:
+            assert torch.allclose(full[n], g, rtol=1e-4, atol=1e-7), n
+        elif not torch.allclose(full[n], g, rtol=1e-4, atol=1e-7):
+            changed.append(n)
+    assert changed  # some task's own parameters got the extra gradient

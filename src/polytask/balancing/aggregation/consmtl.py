@@ -16,6 +16,8 @@ from .fairgrad import FairGrad, OnFailure
 
 __all__ = ["ConsMTL"]
 
+Pending = dict[str, list[Tensor | None]]
+
 
 @BALANCERS.register("consmtl")
 class ConsMTL(FairGrad):
@@ -58,9 +60,13 @@ class ConsMTL(FairGrad):
     - The paper's text was not read (its abstract describes the same two levels); the
       upper level's aggregation and the extra loss are the official code's.
 
-    Parameter level only (the paper's): the lower level differentiates through the step's
-    graph after the upper level, so the rows are computed keeping it, which the engine's
-    single feature-level pass does not. Cost: FairGrad's at the parameter level (one
+    Parameter level only (the paper's). The rows are the engine's parameter-level rows,
+    computed from the ``delta_k`` the lower level needs anyway: ``(dz/dtheta_S)^T delta_k``
+    through the shared trunk, plus the gradient along any path from the loss to a shared
+    parameter that bypasses the marked points (tested equal to ``fairgrad``'s rows on five
+    architectures). The feature level is not offered: the lower level differentiates
+    through the heads' graph after the upper level, which the engine's single
+    feature-level pass frees. Cost: FairGrad's at the parameter level (one
     backward pass per task through the shared parameters, graph kept), plus per task one
     backward pass through its own modules with a graph (``delta_k`` and ``dL_k/dtheta_k``)
     and one through that graph (the second-order term). The architecture must mark its
@@ -92,9 +98,8 @@ class ConsMTL(FairGrad):
         self.clip = check_number_option("clip", clip, low=0.0)
         self.needs_representation = True
         self.row_source = self._rows
-        self._pending: (
-            tuple[dict[str, list[Tensor | None]], dict[str, list[Tensor | None]]] | None
-        ) = None
+        #: the step's delta_k, own-parameter gradients and direct shared gradients (backward)
+        self._pending: tuple[Pending, Pending, Pending] | None = None
 
     def extra_repr(self) -> str:
         return f"lambda_={self.lambda_:g}, clip={self.clip:g}"
@@ -106,7 +111,7 @@ class ConsMTL(FairGrad):
         the representation it reads), one backward pass per task through the shared trunk:
         ``g_k = (dz/dtheta)^T delta_k``. The heads' own gradients were taken with them."""
         assert self._pending is not None and ctx.representation is not None
-        deltas, own = self._pending
+        deltas, own, direct = self._pending
         points = ctx.representation.points
         targets = list(ctx.shared_parameters)
         others: list[Tensor] = list(ctx.other_parameters)
@@ -129,7 +134,10 @@ class ConsMTL(FairGrad):
                     allow_unused=True,
                     materialize_grads=False,
                 )
-            _fill_row(jacobian[k], grads[: len(targets)], targets)
+            # a path from the loss to a shared parameter that bypasses the marked points
+            row: list[Tensor | None] = list(grads[: len(targets)])
+            _add_into(row, [None if g is None else g * scale for g in direct[name]])
+            _fill_row(jacobian[k], row, targets)
             _add_into(other_grads, grads[len(targets) :])
             _add_into(other_grads, [None if g is None else g * scale for g in own[name]])
         return jacobian, others, other_grads
@@ -143,24 +151,29 @@ class ConsMTL(FairGrad):
             )
         points = ctx.representation.points
         others = list(ctx.other_parameters)
+        targets = list(ctx.shared_parameters)
         # delta_k at each point task k reads (with a graph through the task's own modules),
         # and the gradient of L_k on the parameters past the representation (detached)
         deltas: dict[str, list[Tensor | None]] = {}
         own: dict[str, list[Tensor | None]] = {}
+        direct: dict[str, list[Tensor | None]] = {}
         for name, loss in losses.items():
             reads = [p.leaves.get(name, p.leaves.get(None)) for p in points]
             present = [leaf for leaf in reads if leaf is not None]
             grads = torch.autograd.grad(
                 loss,
-                [*present, *others],
+                [*present, *others, *targets],
                 create_graph=True,
                 retain_graph=True,
                 allow_unused=True,
             )
             it = iter(grads[: len(present)])
             deltas[name] = [None if leaf is None else next(it) for leaf in reads]
-            own[name] = [None if g is None else g.detach() for g in grads[len(present) :]]
-        self._pending = (deltas, own)
+            rest: list[Tensor | None] = [
+                None if g is None else g.detach() for g in grads[len(present) :]
+            ]
+            own[name], direct[name] = rest[: len(others)], rest[len(others) :]
+        self._pending = (deltas, own, direct)
         try:
             weights = super().backward(losses, ctx)
         finally:
