@@ -197,6 +197,8 @@ def test_options_are_validated_and_the_representation_is_required() -> None:
         build({"clip": float("nan")})
     with pytest.raises(ConfigError, match="level"):
         build({"level": "feature"})
+    with pytest.raises(ConfigError, match="cannot be wrapped"):
+        BALANCERS.get("samo")(tasks=NAMES, method="consmtl")
     balancer = build({})
     assert balancer.needs_representation
     model = _model()

@@ -3,7 +3,7 @@ each task's own parameters that aligns its representation gradient with the join
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -17,6 +17,9 @@ from .fairgrad import FairGrad, OnFailure
 __all__ = ["ConsMTL"]
 
 Pending = dict[str, list[Tensor | None]]
+RowSource = Callable[
+    [Mapping[str, Tensor], BackwardContext], tuple[Tensor, list[Tensor], list[Tensor | None]]
+]
 
 
 @BALANCERS.register("consmtl")
@@ -97,12 +100,23 @@ class ConsMTL(FairGrad):
         self.lambda_ = check_number_option("lambda_", lambda_, low=0.0)
         self.clip = check_number_option("clip", clip, low=0.0)
         self.needs_representation = True
-        self.row_source = self._rows
         #: the step's delta_k, own-parameter gradients and direct shared gradients (backward)
         self._pending: tuple[Pending, Pending, Pending] | None = None
 
     def extra_repr(self) -> str:
         return f"lambda_={self.lambda_:g}, clip={self.clip:g}"
+
+    @property  # type: ignore[override]
+    def row_source(self) -> RowSource:
+        """The rows come from the step's ``delta_k`` (:meth:`_rows`); no wrapper replaces it."""
+        return self._rows
+
+    @row_source.setter
+    def row_source(self, value: RowSource) -> None:
+        raise ConfigError(
+            "balancer.options.method: consmtl computes its own rows for its lower level and "
+            "cannot be wrapped (by samo)."
+        )
 
     def _rows(
         self, losses: Mapping[str, Tensor], ctx: BackwardContext
