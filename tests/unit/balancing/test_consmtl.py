@@ -297,3 +297,28 @@ def test_architectures_rows_from_the_representation_and_a_lower_level_on_task_pa
         elif not torch.allclose(full[n], g, rtol=1e-4, atol=1e-7):
             changed.append(n)
     assert changed  # some task's own parameters got the extra gradient
+
+
+def test_a_loss_scaler_scales_every_gradient_by_its_scale() -> None:
+    """Mixed precision: with a loss scale ``s`` every accumulated gradient is ``s`` times the
+    unscaled one (the lower level's clip compares unscaled norms)."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    grads = []
+    for grad_scaler in (None, scaler):
+        model = _model()
+        x, y = _batch(2)
+        with capture_representation(model, True) as rep:
+            out = model(x)
+        losses = {t: TASKS[t].compute_loss(out[t], y[t]) for t in NAMES}
+        shared = list(model.shared_parameters())
+        others = [p for p in model.parameters() if all(p is not s for s in shared)]
+        ctx = BackwardContext(
+            shared_parameters=shared,
+            other_parameters=others,
+            representation=rep,
+            grad_scaler=grad_scaler,
+        )
+        build({"lambda_": 50.0}).backward(losses, ctx)
+        grads.append([p.grad.clone() for p in model.parameters()])  # type: ignore[union-attr]
+    for plain, scaled in zip(*grads, strict=True):
+        assert torch.allclose(scaled, 1024.0 * plain, rtol=1e-6, atol=1e-9)
