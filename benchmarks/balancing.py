@@ -18,6 +18,7 @@ affect far less than ratios of times taken minutes apart. Peak resident memory
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import platform
 import random
@@ -252,9 +253,13 @@ def methods() -> list[tuple[str, str, dict[str, Any]]]:
             continue
         probe = BALANCERS.get(name)(tasks=["a", "b", "c"])
         if isinstance(probe, GradientBalancer):
+            builder = BALANCERS.get(name)
+            if "level" not in inspect.signature(builder).parameters:  # one level only (consmtl)
+                out.append((f"{name} (parameter)", name, {}))
+                continue
             out.append((f"{name} (parameter)", name, {"level": "parameter"}))
             try:  # methods that need parameter gradients (modo, sdmgrad, samo) refuse it
-                BALANCERS.get(name)(tasks=["a", "b", "c"], level="feature")
+                builder(tasks=["a", "b", "c"], level="feature")
             except ConfigError:
                 continue
             out.append((f"{name} (feature)", name, {"level": "feature"}))
@@ -291,6 +296,11 @@ def main() -> None:
         help="balancer.gramian_precision",
     )
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--json",
+        type=Path,
+        help="also write every block time and peak (for benchmarks/balancing_spread.py)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -322,6 +332,24 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(table)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(
+            json.dumps(
+                {
+                    "command": " ".join(sys.argv[1:]),
+                    "setting": args.setting,
+                    "date": time.strftime("%Y-%m-%d %H:%M"),
+                    "torch": torch.__version__,
+                    "threads": args.threads,
+                    "rows": [
+                        {"label": label, "k": k, "blocks": r["blocks"], "peak_mib": r["peak_mib"]}
+                        for label, k, r in rows
+                    ],
+                },
+                indent=1,
+            )
+        )
 
 
 def render(rows: list[tuple[str, int, dict[str, Any]]], args: argparse.Namespace) -> str:
