@@ -35,6 +35,7 @@ once per step with the complete Jacobian, before the method combines it.
 
 from __future__ import annotations
 
+import dataclasses
 from abc import abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -260,35 +261,79 @@ class GradientBalancer(Balancer):
                 combined, weights = self.aggregate(jacobian, names)
             self._diagnostics = {"gramian": gramian.detach().float()}
         else:
-            if ctx.grad_scaler is None:
-                bad = [
-                    n
-                    for n, r in zip(names, jacobian, strict=True)
-                    if not bool(torch.isfinite(r).all())
-                ]
-                raise TrainingDiverged(
-                    f"the gradient of task(s) {', '.join(map(repr, bad))} is not finite at "
-                    f"step {ctx.step + 1}; try a lower optim.lr or optim.grad_clip."
-                )
-            # the scaler sees the non-finite values and skips the step for every task
-            combined = jacobian.sum(dim=0)
-            weights = torch.ones(len(names), device=jacobian.device)
-            self._diagnostics = {}
-        if scale != 1.0:
-            combined = combined * scale
+            combined, weights = self._not_finite(jacobian, names, ctx)
+        self._deliver(combined, others, other_grads, ctx, originals)
+        return {t: weights[i].detach() for i, t in enumerate(names)}
+
+    def _not_finite(
+        self, jacobian: Tensor, names: Sequence[str], ctx: BackwardContext
+    ) -> tuple[Tensor, Tensor]:
+        """A step whose task gradients are not all finite: without a loss scaler, stop with
+        the tasks named; with one, ``(sum of the rows, unit weights)``, whose non-finite
+        values the scaler sees, so that it skips the step for every task."""
+        if ctx.grad_scaler is None:
+            bad = [
+                n for n, r in zip(names, jacobian, strict=True) if not bool(torch.isfinite(r).all())
+            ]
+            raise TrainingDiverged(
+                f"the gradient of task(s) {', '.join(map(repr, bad))} is not finite at "
+                f"step {ctx.step + 1}; try a lower optim.lr or optim.grad_clip."
+            )
+        self._diagnostics = {}
+        return jacobian.sum(dim=0), torch.ones(len(names), device=jacobian.device)
+
+    def _deliver(
+        self,
+        combined: Tensor,
+        others: Sequence[Tensor],
+        other_grads: Sequence[Tensor | None],
+        ctx: BackwardContext,
+        originals: Sequence[Tensor] = (),
+    ) -> None:
+        """Hand an unscaled combined gradient to the parameters: scaled back by the loss
+        scaler's factor; the other parameters' own gradients added; at the feature level
+        (``originals``: the shared representation) this process's part of it back-propagated
+        through the trunk, at the parameter level added to the shared parameters."""
+        if ctx.grad_scaler is not None:
+            scale = ctx.grad_scaler.get_scale()
+            if scale != 1.0:
+                combined = combined * scale
         for param, own in zip(others, other_grads, strict=True):
             if own is not None:
                 _accumulate(param, own)
-        if self.level == "feature":
+        if originals:
             if self.collective is not None:  # this process's columns of the global result
                 combined = self.collective.local_part(combined)
-            pieces = _unflatten(combined, originals)
-            torch.autograd.backward(originals, grad_tensors=pieces)
+            torch.autograd.backward(list(originals), grad_tensors=_unflatten(combined, originals))
         else:
             targets = list(ctx.shared_parameters)
             for target, piece in zip(targets, _unflatten(combined, targets), strict=True):
                 _accumulate(target, piece)
-        return {t: weights[i].detach() for i, t in enumerate(names)}
+
+    def _part_rows(
+        self,
+        parts: Sequence[Mapping[str, Tensor]],
+        names: Sequence[str],
+        ctx: BackwardContext,
+        shares: Sequence[float],
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor | None]]:
+        """The parameter-level rows of each part of the batch (unscaled, global, each its
+        own tensor) and the other parameters' gradients: part ``p``'s weighted by
+        ``shares[p]`` (0: the part's passes do not reach them)."""
+        scale = ctx.grad_scaler.get_scale() if ctx.grad_scaler is not None else 1.0
+        others: list[Tensor] = list(ctx.other_parameters)
+        other_grads: list[Tensor | None] = [None] * len(others)
+        rows: list[Tensor] = []
+        for part, share in zip(parts, shares, strict=True):
+            part_ctx = ctx if share else dataclasses.replace(ctx, other_parameters=())
+            jacobian, _, grads = self._parameter_rows({t: part[t] for t in names}, part_ctx)
+            jacobian = jacobian.clone()  # the engine's buffer is reused by the next part
+            if scale != 1.0:
+                jacobian.div_(scale)
+            rows.append(self.synchronize(jacobian))
+            if share:
+                _add_into(other_grads, [None if g is None else g * share for g in grads])
+        return rows, others, other_grads
 
     def _parameter_rows(
         self, losses: Mapping[str, Tensor], ctx: BackwardContext

@@ -27,7 +27,6 @@ biased ``J J^T`` of that part.
 
 from __future__ import annotations
 
-import dataclasses
 from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -35,9 +34,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ...errors import ConfigError, TrainingDiverged
+from ...errors import ConfigError
 from ..base import BALANCERS, BackwardContext
-from ..gradient import GradientBalancer, _accumulate, _unflatten, one_blas_thread
+from ..gradient import GradientBalancer, one_blas_thread
 from ._common import check_int_option, check_number_option, task_indices
 from .moco import project_to_simplex
 
@@ -126,28 +125,15 @@ class DoubleSampling(GradientBalancer):
     def backward(self, losses: Mapping[str, Tensor], ctx: BackwardContext) -> dict[str, Tensor]:
         names = list(losses)
         parts = list(ctx.parts) or [losses]
-        scale = ctx.grad_scaler.get_scale() if ctx.grad_scaler is not None else 1.0
         update_part = len(parts) - 1 if len(parts) >= 3 else None
-        rows: list[Tensor] = []
-        others: list[Tensor] = list(ctx.other_parameters)
-        other_grads: list[Tensor | None] = [None] * len(others)
-        for p, part in enumerate(parts[:3]):
-            # the update's sample gives the other parameters their gradient (with 2 parts,
-            # the mean of both; with 1, that part)
-            reads_others = update_part is None or p == update_part
-            part_ctx = ctx if reads_others else dataclasses.replace(ctx, other_parameters=())
-            jacobian, _, grads = self._parameter_rows({t: part[t] for t in names}, part_ctx)
-            jacobian = jacobian.clone()  # the engine's buffer is reused by the next part
-            if scale != 1.0:
-                jacobian.div_(scale)
-            rows.append(self.synchronize(jacobian))
-            if reads_others:
-                share = 1.0 if update_part is not None else 1.0 / min(len(parts), 2)
-                for i, g in enumerate(grads):
-                    if g is not None:
-                        g = g * share
-                        previous = other_grads[i]
-                        other_grads[i] = g if previous is None else previous + g
+        # the update's sample gives the other parameters their gradient (with 2 parts, the
+        # mean of both; with 1, that part)
+        shares = (
+            [0.0] * update_part + [1.0]
+            if update_part is not None
+            else [1.0 / len(parts[:2])] * len(parts[:2])
+        )
+        rows, others, other_grads = self._part_rows(parts[: len(shares)], names, ctx, shares)
         first = rows[0]
         second = rows[1] if len(rows) > 1 else rows[0]
         if update_part is not None:
@@ -156,28 +142,13 @@ class DoubleSampling(GradientBalancer):
             update = (rows[0] + rows[1]) / 2
         else:
             update = rows[0]
-        finite = all(bool(torch.isfinite(r).all()) for r in rows)
-        if finite:
+        if all(bool(torch.isfinite(r).all()) for r in rows):
             with one_blas_thread():
                 combined, weights = self._combine(first, second, update, names)
             self._diagnostics = {"gramian": cross_product(update, update).float()}
         else:
-            if ctx.grad_scaler is None:
-                raise TrainingDiverged(
-                    f"a task gradient is not finite at step {ctx.step + 1}; try a lower "
-                    "optim.lr or optim.grad_clip."
-                )
-            combined = update.sum(dim=0)  # non-finite: the scaler skips the step
-            weights = torch.ones(len(names), device=update.device)
-            self._diagnostics = {}
-        if scale != 1.0:
-            combined = combined * scale
-        for param, own in zip(others, other_grads, strict=True):
-            if own is not None:
-                _accumulate(param, own)
-        targets = list(ctx.shared_parameters)
-        for target, piece in zip(targets, _unflatten(combined, targets), strict=True):
-            _accumulate(target, piece)
+            combined, weights = self._not_finite(update, names, ctx)
+        self._deliver(combined, others, other_grads, ctx)
         return {t: weights[i].detach() for i, t in enumerate(names)}
 
     def get_extra_state(self) -> dict[str, Any]:

@@ -9,9 +9,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from ...errors import ConfigError, TrainingDiverged
+from ...errors import ConfigError
 from ..base import BALANCERS, BackwardContext
-from ..gradient import GramianWeighting, Level, _accumulate, _unflatten, one_blas_thread
+from ..gradient import GramianWeighting, Level, one_blas_thread
 from ._common import check_int_option, check_number_option
 from .double_sampling import cross_product
 
@@ -159,21 +159,9 @@ class NTKMTL(GramianWeighting):
         if len(parts) <= 1:
             return super().backward(losses, ctx)
         names = list(losses)
-        scale = ctx.grad_scaler.get_scale() if ctx.grad_scaler is not None else 1.0
-        others: list[Tensor] = list(ctx.other_parameters)
-        other_grads: list[Tensor | None] = [None] * len(others)
-        rows: list[Tensor] = []
-        for part in parts:
-            jacobian, _, grads = self._parameter_rows({t: part[t] for t in names}, ctx)
-            jacobian = jacobian.clone()  # the engine's buffer is reused by the next part
-            if scale != 1.0:
-                jacobian.div_(scale)
-            rows.append(self.synchronize(jacobian))
-            for i, g in enumerate(grads):
-                if g is not None:
-                    g = g / len(parts)
-                    previous = other_grads[i]
-                    other_grads[i] = g if previous is None else previous + g
+        rows, others, other_grads = self._part_rows(
+            parts, names, ctx, [1.0 / len(parts)] * len(parts)
+        )
         mean = torch.stack(rows).mean(dim=0)
         if all(bool(torch.isfinite(r).all()) for r in rows):
             n = len(rows)
@@ -191,20 +179,6 @@ class NTKMTL(GramianWeighting):
             combined = weights @ mean
             self._diagnostics = {"gramian": gramian.float()}
         else:
-            if ctx.grad_scaler is None:
-                raise TrainingDiverged(
-                    f"a task gradient is not finite at step {ctx.step + 1}; try a lower "
-                    "optim.lr or optim.grad_clip."
-                )
-            combined = mean.sum(dim=0)  # non-finite: the scaler skips the step
-            weights = torch.ones(len(names), device=mean.device)
-            self._diagnostics = {}
-        if scale != 1.0:
-            combined = combined * scale
-        for param, own in zip(others, other_grads, strict=True):
-            if own is not None:
-                _accumulate(param, own)
-        targets = list(ctx.shared_parameters)
-        for target, piece in zip(targets, _unflatten(combined, targets), strict=True):
-            _accumulate(target, piece)
+            combined, weights = self._not_finite(mean, names, ctx)
+        self._deliver(combined, others, other_grads, ctx)
         return {t: weights[i].detach() for i, t in enumerate(names)}
