@@ -131,6 +131,43 @@ def test_a_step_matches_the_official_algorithm(primary: list[str]) -> None:
         assert torch.allclose(p.grad, expected_grads[name], rtol=1e-5, atol=1e-7), name
 
 
+def test_a_step_with_an_overflow_leaves_the_weights_as_they_were() -> None:
+    """An inf in the first part's loss (as a loss scaler's overflow gives) makes the look-ahead
+    and the meta-gradient non-finite: the meta step is skipped, so the weights and Adam's
+    moments stay finite and unchanged instead of becoming NaN for the rest of the run."""
+    net = _Net()
+    x, y = _data()
+    halves = [(x[:4], y[:4]), (x[4:], y[4:])]
+    names = {id(p): n for n, p in net.named_parameters()}
+
+    def recompute(
+        evaluation: bool = False,
+        part: int | None = None,
+        values: Mapping[Tensor, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        assert part is not None
+        state = {names[id(p)]: v for p, v in (values or {}).items()}
+        out: dict[str, Tensor] = functional_call(net, state, halves[part])
+        return out
+
+    parts = [net(*h) for h in halves]
+    parts[0] = {t: v * float("inf") for t, v in parts[0].items()}
+    ctx = BackwardContext(
+        shared_parameters=list(net.trunk.parameters()),
+        other_parameters=[p for t in TASKS for p in net.heads[t].parameters()],
+        parts=parts,
+        recompute=recompute,
+        learning_rate=lambda p: (LR, WD),
+    )
+    balancer = AutoLambda(TASKS)
+    assert balancer.meta_gradient(ctx, TASKS) is None
+    whole = {t: (parts[1][t] + parts[1][t]) / 2 for t in TASKS}
+    balancer.backward(whole, ctx)
+    assert torch.equal(balancer.lambdas, torch.full((2,), 0.1))
+    assert torch.equal(balancer._m, torch.zeros(2)) and torch.equal(balancer._v, torch.zeros(2))
+    assert torch.equal(balancer._t, torch.zeros(2, dtype=torch.long))
+
+
 def test_adam_matches_torch() -> None:
     balancer = AutoLambda(["a", "b", "c"], meta_lr=0.01)
     reference = torch.full((3,), 0.1, requires_grad=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -108,7 +109,9 @@ class AutoLambda(Balancer):
 
     def meta_gradient(self, ctx: BackwardContext, names: Sequence[str]) -> Tensor | None:
         """The meta-gradient of the present tasks' weights (steps 1-3), or None when the step
-        has a single part (a batch of one sample) or no primary task is present."""
+        has a single part (a batch of one sample), no primary task is present or a value on
+        the way is not finite (an overflow under a loss scaler, which then skips the step:
+        the weights and Adam's moments are left as they were, not made NaN for good)."""
         parts = list(ctx.parts)
         primary = [t for t in names if t in self.primary]
         if len(parts) < 2 or not primary:
@@ -146,6 +149,8 @@ class AutoLambda(Balancer):
             if present
             else 0.0
         )
+        if not math.isfinite(norm):
+            return None
         if norm == 0.0:
             return torch.zeros(len(names))
         e = 0.01 / norm
@@ -158,7 +163,7 @@ class AutoLambda(Balancer):
                 values.append(ctx.recompute(part=0, values=moved))
         plus, minus = values
         hessian = torch.stack([(plus[t] - minus[t]).float().cpu() / (2 * e) for t in names])
-        return -alpha * hessian
+        return -alpha * hessian if bool(torch.isfinite(hessian).all()) else None
 
     def _adam(self, index: Sequence[int], grad: Tensor) -> None:
         """One Adam step (torch's betas 0.9, 0.999 and epsilon 1e-8) on the given weights."""
