@@ -64,7 +64,7 @@ __all__ = [
     "hint",
     "reconstruction",
     "task_head_factory",
-    "training_forwards",
+    "task_training_steps",
 ]
 
 
@@ -400,13 +400,13 @@ def check_task_settings(settings: Mapping[str, TaskConfig]) -> None:
 def task_head_factory(
     default: str,
     settings: Mapping[str, TaskConfig],
-    forwards: Mapping[str, int] | None = None,
+    steps: Mapping[str, int] | None = None,
 ) -> HeadFactory:
     """The head factory an architecture calls for every task: the task's own head
     (:attr:`Task.head`, else ``default``, the configuration's ``model.head``) with its
     ``head_options``, behind a :class:`~polytask.models.reversal.GradientReversal` where
-    ``task_settings.NAME.reversal`` is set. ``forwards``: each task's training forward
-    passes over the run (the ``ganin`` schedule's total)."""
+    ``task_settings.NAME.reversal`` is set. ``steps``: each task's training steps over the
+    run (the steps whose batch holds it: the ``ganin`` schedule's total)."""
     from .models.base import HEADS
     from .models.reversal import GradientReversal, ReversedHead
 
@@ -425,16 +425,16 @@ def task_head_factory(
             return module
         total = None
         if setting.reversal_schedule == "ganin":
-            total = max(1, int((forwards or {}).get(task.name, 0)))
+            total = max(1, int((steps or {}).get(task.name, 0)))
         reversal = GradientReversal(
             setting.reversal, schedule=setting.reversal_schedule, total_steps=total
         )
-        return ReversedHead(reversal, module)
+        return ReversedHead(reversal, module, task=task.name)
 
     return head
 
 
-def training_forwards(
+def task_training_steps(
     bundle: DataBundle,
     tasks: Mapping[str, Task],
     *,
@@ -443,8 +443,8 @@ def training_forwards(
     sampling: str,
     epochs: int,
 ) -> dict[str, int]:
-    """Per task, how many training forward passes run its head over ``epochs`` epochs (under
-    torchrun every process runs every step on its shard of the batch: the same count)."""
+    """Per task, how many training steps hold it over ``epochs`` epochs (under torchrun every
+    process runs every step on its shard of the batch: the same count)."""
     from .data.loading import JOINT, epoch_schedule
     from .evaluation import split_datasets
 

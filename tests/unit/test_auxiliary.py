@@ -28,6 +28,7 @@ from polytask.metrics.delta_m import Baseline
 from polytask.models import GradientReversal, ReversedHead, reverse_gradient
 from polytask.models.reversal import ganin_factor
 from polytask.training.build import build_components
+from polytask.training.checkpoint import load_checkpoint
 from polytask.training.rundir import RunDirectory
 from polytask.training.trainer import Trainer
 
@@ -71,24 +72,22 @@ def test_reversal_flips_exactly_the_shared_gradient(lam: float) -> None:
     assert torch.equal(reverse_gradient(z, lam), z)
 
 
-def test_ganin_schedule_counts_training_forwards() -> None:
-    """lambda_p = lambda (2 / (1 + exp(-10 p)) - 1), p = training forwards / total; forwards
-    in evaluation mode or without gradient do not count; the count is in the state dict."""
+def test_ganin_schedule_counts_training_steps() -> None:
+    """lambda_p = lambda (2 / (1 + exp(-10 p)) - 1), p = steps / total; advance() counts a
+    step, forward passes (however many per step) do not; the count is in the state dict."""
     layer = GradientReversal(2.0, schedule="ganin", total_steps=4)
     assert layer.factor() == 0.0
     x = torch.ones(2, requires_grad=True)
     for k in range(1, 7):
         layer(x)
+        layer(x)  # a second forward pass in the same step (batch parts, look-aheads)
+        layer.advance()
         p = min(k / 4, 1.0)
         assert layer.factor() == pytest.approx(2.0 * (2 / (1 + math.exp(-10 * p)) - 1), abs=1e-12)
-    layer.eval()
-    layer(x)
-    layer.train()
-    with torch.no_grad():
-        layer(x)
     assert int(layer.steps) == 6
     # the gradient uses the factor of the forward pass that produced it
     fresh = GradientReversal(1.0, schedule="ganin", total_steps=10)
+    assert fresh.factor() == 0.0  # read before loading: the load must not leave it stale
     fresh.load_state_dict({"steps": torch.tensor(5)})  # a resumed run goes on from step 5
     out = fresh(x)
     (grad,) = torch.autograd.grad(out.sum(), x)
@@ -143,16 +142,34 @@ def test_reversal_from_the_config_flips_the_task_gradient_on_the_shared_paramete
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-8)
 
 
-def test_ganin_schedule_total_is_the_runs_training_forwards(tmp_path: Path) -> None:
+@pytest.mark.parametrize("balancer", ["equal", "auto_lambda"])
+def test_ganin_schedule_ramps_over_the_runs_training_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, balancer: str
+) -> None:
+    """total_steps is the run's optimizer steps, and training advances the schedule once per
+    step: p ends at exactly 1, also under auto_lambda, whose step runs the model forward on
+    two parts of the batch and again for its look-ahead and finite difference."""
     c = _components(
         tmp_path,
         **{
             "task_settings": {"right": {"reversal": 1.0, "reversal_schedule": "ganin"}},
             "train.epochs": 3,
+            "balancer.name": balancer,
         },
     )
     # 256 training samples in batches of 32: 8 steps per epoch, 3 epochs
-    assert c.model.heads["right"].reversal.total_steps == 24
+    reversal = c.model.heads["right"].reversal
+    assert reversal.total_steps == 24
+    import polytask.report
+
+    monkeypatch.setattr(polytask.report, "write_run_report", lambda run: None)  # not tested here
+    run = RunDirectory.create(tmp_path / "run", {"name": "t"})
+    Trainer(c, run, console=False).fit()
+    # the last checkpoint (the model in memory is the selected epoch's at the end)
+    last = load_checkpoint(run.last_checkpoint)["model"]
+    assert int(last["heads.right.reversal.steps"]) == 24
+    reversal.load_state_dict({"steps": last["heads.right.reversal.steps"]})
+    assert reversal.factor() == pytest.approx(ganin_factor(1.0), abs=1e-12)
 
 
 # -- added tasks -----------------------------------------------------------------------------

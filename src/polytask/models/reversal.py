@@ -17,24 +17,34 @@ label). The paper raises lambda from 0 to its final value over training,
 with ``p`` the training progress in [0, 1] (``schedule="ganin"``); ``schedule="constant"``
 keeps ``lambda`` throughout.
 
-Deviation: the paper's ``p`` is the fraction of training iterations done. This layer counts
-its own training forward passes (in training mode, with gradient enabled) in a buffer
-(saved with the model, so a resumed run goes on where it stopped) and divides by
-``total_steps``, the number of training forward passes through this head that the run is
-expected to make (polytask computes it from the data and ``train.epochs``; under torchrun
-per process). A balancing method that ran the model forward more than once per step would
-advance ``p`` faster; none of the built-in ones does.
+``p`` is counted in optimizer steps, as the paper's fraction of training iterations done:
+the layer's buffer ``steps`` (saved with the model, so a resumed run goes on where it
+stopped) moves on by :meth:`GradientReversal.advance`, which polytask's trainer calls after
+every optimizer step whose batch held the task, and ``total_steps`` is the number of such
+steps the run is expected to make (polytask computes it from the data and
+``train.epochs``; under torchrun per process). Forward passes do not count, so methods
+that run the model several times per step (batch parts, look-aheads, perturbed rows) do
+not hurry the ramp. Outside polytask's trainer, call ``advance()`` after each step.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GAMMA", "GradientReversal", "ReversedHead", "ganin_factor", "reverse_gradient"]
+__all__ = [
+    "GAMMA",
+    "GradientReversal",
+    "ReversedHead",
+    "advance_reversals",
+    "ganin_factor",
+    "reversal_schedules",
+    "reverse_gradient",
+]
 
 #: gamma of the paper's schedule 2 / (1 + exp(-gamma p)) - 1
 GAMMA = 10.0
@@ -91,31 +101,65 @@ class GradientReversal(nn.Module):
             raise ValueError(f"the ganin schedule needs `total_steps` >= 1, found {total_steps!r}.")
         self.lam, self.schedule, self.total_steps = float(lam), schedule, total_steps
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+        # the factor of the present step, read from the buffer once per step (not once per
+        # forward pass, which would wait on the device every time)
+        self._factor: float | None = None
+        self.register_load_state_dict_post_hook(_forget_factor)
+
+    def advance(self) -> None:
+        """One training step done: ``p`` moves on by ``1 / total_steps``."""
+        self.steps += 1
+        self._factor = None
 
     def factor(self) -> float:
         """The current ``lambda`` (the schedule applied to the steps counted so far)."""
         if self.schedule == "constant":
             return self.lam
-        assert self.total_steps is not None
-        return self.lam * ganin_factor(int(self.steps) / self.total_steps)
+        if self._factor is None:
+            assert self.total_steps is not None
+            self._factor = self.lam * ganin_factor(int(self.steps) / self.total_steps)
+        return self._factor
 
     def forward(self, x: Tensor) -> Tensor:
-        scale = self.factor()
-        if self.training and torch.is_grad_enabled():
-            self.steps += 1
-        return reverse_gradient(x, scale)
+        return reverse_gradient(x, self.factor())
 
     def extra_repr(self) -> str:
         return f"lam={self.lam}, schedule={self.schedule!r}, total_steps={self.total_steps}"
 
 
-class ReversedHead(nn.Module):
-    """A task's head behind a :class:`GradientReversal`: ``head(R_lambda(features))``."""
+def _forget_factor(module: nn.Module, incompatible: Any) -> None:
+    """After ``load_state_dict``: the factor is read again from the loaded step count."""
+    if isinstance(module, GradientReversal):
+        module._factor = None
 
-    def __init__(self, reversal: GradientReversal, head: nn.Module) -> None:
+
+class ReversedHead(nn.Module):
+    """A task's head behind a :class:`GradientReversal`: ``head(R_lambda(features))``.
+    ``task``: the task whose steps move the schedule on (see :func:`advance_reversals`)."""
+
+    def __init__(self, reversal: GradientReversal, head: nn.Module, task: str | None = None):
         super().__init__()
-        self.reversal, self.head = reversal, head
+        self.reversal, self.head, self.task = reversal, head, task
 
     def forward(self, x: Tensor) -> Tensor:
         out: Tensor = self.head(self.reversal(x))
         return out
+
+
+def reversal_schedules(model: nn.Module) -> list[tuple[str | None, GradientReversal]]:
+    """Every scheduled reversal of ``model`` with the task whose steps advance it (None: any
+    step), for :func:`advance_reversals`."""
+    return [
+        (m.task, m.reversal)
+        for m in model.modules()
+        if isinstance(m, ReversedHead) and m.reversal.schedule != "constant"
+    ]
+
+
+def advance_reversals(
+    schedules: Sequence[tuple[str | None, GradientReversal]], tasks: Collection[str]
+) -> None:
+    """After an optimizer step on a batch holding ``tasks``: advance their schedules."""
+    for task, reversal in schedules:
+        if task is None or task in tasks:
+            reversal.advance()

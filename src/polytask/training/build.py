@@ -161,11 +161,11 @@ def build_model(
     config: Config,
     tasks: Mapping[str, Task],
     input_shape: tuple[int, ...],
-    forwards: Mapping[str, int] | None = None,
+    steps: Mapping[str, int] | None = None,
 ) -> MultiTaskModel:
     """The architecture over the backbone, each task's head built by
-    :func:`~polytask.auxiliary.task_head_factory` (``forwards``: each task's training
-    forward passes, for gradient reversal's schedule)."""
+    :func:`~polytask.auxiliary.task_head_factory` (``steps``: each task's training
+    steps, for gradient reversal's schedule)."""
     from ..auxiliary import task_head_factory
 
     _load_plugins()
@@ -186,7 +186,7 @@ def build_model(
         return module
 
     HEADS.get(config.model.head)
-    head = task_head_factory(config.model.head, config.task_settings, forwards)
+    head = task_head_factory(config.model.head, config.task_settings, steps)
     factory = ARCHITECTURES.get(config.model.architecture)
     provided: dict[str, Any] = {"tasks": dict(tasks), "backbone": backbone, "head": head}
     if "input_shape" in inspect.signature(factory).parameters:
@@ -418,11 +418,11 @@ def build_components(config: Config) -> Components:
     check_selection(config, tasks)
     baseline = resolve_baseline(config.eval.baseline, tasks)
     torch.manual_seed(config.seed)  # the initial weights depend only on the seed
-    forwards = None
+    steps = None
     if any(s.reversal_schedule == "ganin" for s in config.task_settings.values()):
-        from ..auxiliary import training_forwards
+        from ..auxiliary import task_training_steps
 
-        forwards = training_forwards(
+        steps = task_training_steps(
             bundle,
             tasks,
             batch_size=config.data.batch_size,
@@ -430,7 +430,7 @@ def build_components(config: Config) -> Components:
             sampling=config.data.sampling,
             epochs=config.train.epochs,
         )
-    model = build_model(config, tasks, bundle.input_shape, forwards).to(device)
+    model = build_model(config, tasks, bundle.input_shape, steps).to(device)
     balancer = build_balancer(config, tasks).to(device)
     if balancer.needs_representation and bundle.multi_input:
         raise ConfigError(

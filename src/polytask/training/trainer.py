@@ -36,6 +36,7 @@ from ..evaluation import (
 )
 from ..metrics.delta_m import delta_m, delta_m_higher_is_better
 from ..models.base import AdaptContext, MultiTaskModel, capture_representation
+from ..models.reversal import advance_reversals, reversal_schedules
 from ..progress import Progress
 from ..tasks import auxiliary_names, main_names
 from .build import Components, check_selection, resolve_shared
@@ -135,6 +136,7 @@ class Trainer:
         _check_batch_parts(components.balancer, self.cfg.balancer.name)
         self._tb: Any = None
         self._shared, self._others = resolve_shared(components.model, self.cfg.balancer.shared)
+        self._reversals = reversal_schedules(components.model)
         self._reset_accumulators()
         # what every batch is checked against (see polytask.data.checks)
         self._input_shape = tuple(components.bundle.input_shape)
@@ -561,6 +563,7 @@ class Trainer:
                 ).clamp_min(1e-30)
                 self._acc["diag_count"] += 1
             self._optimizer_step()
+            advance_reversals(self._reversals, present)
             post: dict[str, Tensor] | None = None
             if c.balancer.needs_post_step_losses:
                 post = self._losses_after_step(batches, present)
@@ -835,6 +838,7 @@ class Trainer:
             self.cfg, c.model, c.balancer, c.optimizer, c.scheduler
         )
         self._shared, self._others = resolve_shared(c.model, self.cfg.balancer.shared)
+        self._reversals = reversal_schedules(c.model)
         if not self._shared and isinstance(c.balancer, GradientBalancer):
             raise ConfigError(
                 f"after its structure changed at the end of epoch {self.state.epoch + 1}, "
