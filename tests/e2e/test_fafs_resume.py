@@ -108,3 +108,35 @@ def test_a_gradient_method_stops_clearly_when_nothing_stays_shared(tmp_path: Pat
     config["balancer"] = {"name": "mgda"}
     with pytest.raises(ConfigError, match="shares no parameter between tasks"):
         polytask.train(config, run_dir=tmp_path / "run", console=False)
+
+
+@pytest.mark.parametrize(
+    "balancer",
+    [
+        {"name": "moco"},
+        {"name": "db_mtl"},
+        {"name": "excess_mtl"},
+        {"name": "excess_mtl", "options": {"level": "feature"}},
+        {"name": "samo", "options": {"method": "moco"}},
+    ],
+    ids=["moco", "db_mtl", "excess_mtl", "excess_mtl-feature", "samo-moco"],
+)
+def test_methods_with_state_sized_to_the_shared_parameters_train_on_after_a_widening(
+    tmp_path: Path, balancer: dict[str, Any]
+) -> None:
+    """Widening replaces the shared parameters (here the top layer splits, the bottom one stays
+    shared): methods whose state is sized to them (tracked gradients, averages, sums of
+    squares) start that state again instead of stopping the run with a shape error."""
+    config = _config(tmp_path, None)
+    config["train"]["epochs"] = 2
+    config["model"]["options"]["widen_every"] = 5  # one widening, after epoch 1
+    config["balancer"] = balancer
+    run, _ = polytask.train(config, run_dir=tmp_path / "run", console=False)
+    last = load_checkpoint(run.path / "checkpoints" / "last.pt")
+    assert last["structure"]["groups"][1] == [["left"], ["right"]]  # widened after epoch 1
+    assert len(_records(run.path)) == 2
+    assert all(
+        torch.isfinite(torch.as_tensor(v)).all()
+        for v in last["model"].values()
+        if v.is_floating_point()
+    )

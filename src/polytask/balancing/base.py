@@ -131,6 +131,12 @@ class Balancer(nn.Module, ABC):
     def on_epoch_end(self, epoch: int, train_losses: Mapping[str, float]) -> None:
         """Called after every epoch with the unweighted mean training loss of each task."""
 
+    def on_structure_changed(self) -> None:
+        """Called when the model's structure changed during training (an architecture that
+        grows, such as ``fafs``): the shared parameters, and the representation's width, are
+        new, so state sized to the old ones no longer applies. Methods holding such state
+        start it again here; the rest (task weights, step counts) carries on."""
+
     #: into how many disjoint parts the trainer cuts every step's batch, forwarding each part
     #: on its own (``BackwardContext.parts``): methods that need independent gradient samples
     #: per step (MoDo, SDMGrad) set it above 1; the step's samples and forward work stay

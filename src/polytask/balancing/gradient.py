@@ -104,6 +104,29 @@ GramianPrecision = Literal["float64", "float32"]
 _SCRATCH_ELEMENTS = 1 << 19
 
 
+class WrapsMethod:
+    """Mixin of a gradient method that wraps another (:attr:`wrapped`; SAMO, CR-MOGM): the
+    trainer's hooks (epochs, optimizer steps, structure changes) reach the wrapped method,
+    whose state they update."""
+
+    @property
+    @abstractmethod
+    def wrapped(self) -> Balancer:
+        """The wrapped method."""
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.wrapped.on_epoch_start(epoch)
+
+    def on_epoch_end(self, epoch: int, train_losses: Mapping[str, float]) -> None:
+        self.wrapped.on_epoch_end(epoch, train_losses)
+
+    def after_optimizer_step(self, losses: Mapping[str, Tensor] | None = None) -> None:
+        self.wrapped.after_optimizer_step(losses)
+
+    def on_structure_changed(self) -> None:
+        self.wrapped.on_structure_changed()
+
+
 class GradientBalancer(Balancer):
     """Base class of methods that combine per-task gradients.
 

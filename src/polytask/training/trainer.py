@@ -839,6 +839,7 @@ class Trainer:
         )
         self._shared, self._others = resolve_shared(c.model, self.cfg.balancer.shared)
         self._reversals = reversal_schedules(c.model)
+        c.balancer.on_structure_changed()
         if not self._shared and isinstance(c.balancer, GradientBalancer):
             raise ConfigError(
                 f"after its structure changed at the end of epoch {self.state.epoch + 1}, "

@@ -181,3 +181,29 @@ def test_an_interrupted_run_resumed_ends_like_an_uninterrupted_one(tmp_path: Pat
     b = load_checkpoint(RunDirectory(run_dir).last_checkpoint)
     for name, value in a["model"].items():
         assert torch.equal(value, b["model"][name]), name
+
+
+def test_the_wrapped_method_gets_the_trainers_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SAMO passes every trainer hook on to the method it wraps: GradNorm's renormalisation
+    after each optimizer step takes effect, and each hook reaches the wrapped method once."""
+    samo = BALANCERS.get("samo")(tasks=["a", "b"], method="gradnorm")
+    with torch.no_grad():
+        samo.inner.weight.copy_(torch.tensor([3.0, 1.0]))
+    samo.after_optimizer_step(None)
+    assert torch.equal(samo.inner.weight.detach(), torch.tensor([1.5, 0.5]))  # sums to K
+
+    calls: list[str] = []
+    for hook in ("on_epoch_start", "on_epoch_end", "after_optimizer_step", "on_structure_changed"):
+        monkeypatch.setattr(
+            samo.inner, hook, lambda *args, _hook=hook: calls.append(_hook), raising=True
+        )
+    samo.on_epoch_start(0)
+    samo.on_epoch_end(0, {"a": 1.0, "b": 2.0})
+    samo.after_optimizer_step(None)
+    samo.on_structure_changed()
+    assert calls == [
+        "on_epoch_start",
+        "on_epoch_end",
+        "after_optimizer_step",
+        "on_structure_changed",
+    ]

@@ -11,14 +11,14 @@ from torch import Tensor
 from ...errors import ConfigError
 from ...registry import call_with_options
 from ..base import BALANCERS, BackwardContext
-from ..gradient import GradientBalancer, GramianWeighting, Level
+from ..gradient import GradientBalancer, GramianWeighting, Level, WrapsMethod
 from ._common import check_number_option, task_indices
 
 __all__ = ["CRMOGM"]
 
 
 @BALANCERS.register("cr_mogm")
-class CRMOGM(GradientBalancer):
+class CRMOGM(WrapsMethod, GradientBalancer):
     r"""Correlation-reduced multi-objective gradient manipulation (Zhou et al., "On the
     Convergence of Stochastic Multi-Objective Gradient Manipulation and Beyond", NeurIPS 2022,
     https://openreview.net/forum?id=ScwfQ7hdwyP).
@@ -117,14 +117,9 @@ class CRMOGM(GradientBalancer):
     def diagnostics(self) -> Mapping[str, Tensor]:
         return self.base.diagnostics()
 
-    def on_epoch_start(self, epoch: int) -> None:
-        self.base.on_epoch_start(epoch)
-
-    def on_epoch_end(self, epoch: int, train_losses: Mapping[str, float]) -> None:
-        self.base.on_epoch_end(epoch, train_losses)
-
-    def after_optimizer_step(self, losses: Mapping[str, Tensor] | None = None) -> None:
-        self.base.after_optimizer_step(losses)
+    @property
+    def wrapped(self) -> GradientBalancer:
+        return self.base
 
     def backward(self, losses: Mapping[str, Tensor], ctx: BackwardContext) -> dict[str, Tensor]:
         base = self.base

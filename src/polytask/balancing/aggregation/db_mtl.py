@@ -162,6 +162,13 @@ class DBMTL(GradientBalancer):
         alpha = alpha.to(jacobian.dtype)
         return alpha @ rows, alpha
 
+    def on_structure_changed(self) -> None:
+        """The averaged gradients (sized to the shared parameters at the parameter level)
+        start again from zero with their step counts, as at the first step."""
+        if self.level == "parameter":
+            self.average = None
+            self.steps = torch.zeros_like(self.steps)
+
     def get_extra_state(self) -> dict[str, Any]:
         average = None if self.average is None else self.average.detach().cpu().clone()
         return {"average": average, "steps": self.steps.clone()}

@@ -169,6 +169,11 @@ class ExcessMTL(GradientBalancer):
         w = weights[index].to(device=jacobian.device, dtype=jacobian.dtype)
         return w @ jacobian, w
 
+    def on_structure_changed(self) -> None:
+        """The sums of squared gradients (sized to the shared parameters or the
+        representation) start again from zero, as at the first step; the weights carry on."""
+        self.squares = None
+
     def get_extra_state(self) -> dict[str, Any]:
         squares = None if self.squares is None else self.squares.detach().cpu().clone()
         return {

@@ -196,6 +196,11 @@ class MoCo(GradientBalancer):
         combined = weights @ (rows if self.level == "feature" else tracked[present])
         return combined, weights
 
+    def on_structure_changed(self) -> None:
+        """The tracked gradients (sized to the shared parameters) start again from zero, as
+        at the first step; the weights carry on."""
+        self.tracked = None
+
     def get_extra_state(self) -> dict[str, Any]:
         tracked = None if self.tracked is None else self.tracked.detach().cpu().clone()
         return {

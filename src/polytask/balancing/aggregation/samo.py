@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ...errors import ConfigError
 from ..base import BALANCERS, BackwardContext
-from ..gradient import GradientBalancer, _fill_row
+from ..gradient import GradientBalancer, WrapsMethod, _fill_row
 from ._common import check_number_option, load_generator_state
 
 __all__ = ["SAMO"]
@@ -22,7 +22,7 @@ def _norm(tensors: Sequence[Tensor | None]) -> float:
 
 
 @BALANCERS.register("samo")
-class SAMO(GradientBalancer):
+class SAMO(WrapsMethod, GradientBalancer):
     r"""SAMO (Ban, Subramani & Ji, "SAMO: A Lightweight Sharpness-Aware Approach for
     Multi-Task Optimization with Joint Global-Local Perturbation", ICCV 2025, arXiv
     2507.07883): each task's gradient of the shared parameters is taken at a point perturbed
@@ -131,6 +131,10 @@ class SAMO(GradientBalancer):
 
     def diagnostics(self) -> Mapping[str, Tensor]:
         return self.inner.diagnostics()
+
+    @property
+    def wrapped(self) -> GradientBalancer:
+        return self.inner
 
     def backward(self, losses: Mapping[str, Tensor], ctx: BackwardContext) -> dict[str, Tensor]:
         if ctx.recompute is None:
