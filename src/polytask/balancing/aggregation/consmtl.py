@@ -130,7 +130,6 @@ class ConsMTL(FairGrad):
         targets = list(ctx.shared_parameters)
         others: list[Tensor] = list(ctx.other_parameters)
         names = list(losses)
-        scale = ctx.grad_scaler.get_scale() if ctx.grad_scaler is not None else 1.0
         device = targets[0].device if targets else losses[names[0]].device
         jacobian = self._jacobian_buffer((len(names), sum(t.numel() for t in targets)), device)
         other_grads: list[Tensor | None] = [None] * len(others)
@@ -143,17 +142,17 @@ class ConsMTL(FairGrad):
                 grads = torch.autograd.grad(
                     [o for o, _ in pairs],
                     [*targets, *others],
-                    grad_outputs=[d.detach() * scale for _, d in pairs],
+                    grad_outputs=[d.detach() for _, d in pairs],
                     retain_graph=k < len(names) - 1,
                     allow_unused=True,
                     materialize_grads=False,
                 )
             # a path from the loss to a shared parameter that bypasses the marked points
             row: list[Tensor | None] = list(grads[: len(targets)])
-            _add_into(row, [None if g is None else g * scale for g in direct[name]])
+            _add_into(row, direct[name])
             _fill_row(jacobian[k], row, targets)
             _add_into(other_grads, grads[len(targets) :])
-            _add_into(other_grads, [None if g is None else g * scale for g in own[name]])
+            _add_into(other_grads, own[name])
         return jacobian, others, other_grads
 
     def backward(self, losses: Mapping[str, Tensor], ctx: BackwardContext) -> dict[str, Tensor]:
@@ -167,7 +166,9 @@ class ConsMTL(FairGrad):
         others = list(ctx.other_parameters)
         targets = list(ctx.shared_parameters)
         # delta_k at each point task k reads (with a graph through the task's own modules),
-        # and the gradient of L_k on the parameters past the representation (detached)
+        # and the gradient of L_k on the parameters past the representation (detached); all
+        # of the scaled loss, so that a loss scaler keeps small gradients from flushing to
+        # zero in half precision (the rows are unscaled by the engine, joint below)
         deltas: dict[str, list[Tensor | None]] = {}
         own: dict[str, list[Tensor | None]] = {}
         direct: dict[str, list[Tensor | None]] = {}
@@ -175,7 +176,7 @@ class ConsMTL(FairGrad):
             reads = [p.leaves.get(name, p.leaves.get(None)) for p in points]
             present = [leaf for leaf in reads if leaf is not None]
             grads = torch.autograd.grad(
-                loss,
+                ctx.scale(loss),
                 [*present, *others, *targets],
                 create_graph=True,
                 retain_graph=True,
@@ -194,13 +195,13 @@ class ConsMTL(FairGrad):
             self._pending = None
         if self.lambda_ == 0.0 or not others:
             return weights
-        joint: list[Tensor | None] = []
+        scale = ctx.grad_scaler.get_scale() if ctx.grad_scaler is not None else 1.0
+        joint: list[Tensor | None] = []  # sum_j w_j delta_j, unscaled
         for i in range(len(points)):
             parts = [
                 weights[n] * di.detach() for n, d in deltas.items() if (di := d[i]) is not None
             ]
-            joint.append(torch.stack(parts).sum(dim=0) if parts else None)
-        scale = ctx.grad_scaler.get_scale() if ctx.grad_scaler is not None else 1.0
+            joint.append(torch.stack(parts).sum(dim=0) / scale if parts else None)
         names = list(deltas)
         for k, name in enumerate(names):
             terms = [
@@ -224,7 +225,8 @@ class ConsMTL(FairGrad):
             total = torch.linalg.vector_norm(
                 torch.stack([torch.linalg.vector_norm(g) for _, g in reached])
             )
-            factor = torch.clamp(self.clip * norm / (total + 1e-6), max=1.0) * scale
+            # the gradients here are scaled (by the scaled deltas): the clip on unscaled norms
+            factor = torch.clamp(self.clip * (norm / scale) / (total / scale + 1e-6), max=1.0)
             for param, g in reached:
                 _accumulate(param, g.detach() * factor)
         return weights

@@ -40,7 +40,7 @@ from ..gradient import GradientBalancer, one_blas_thread
 from ._common import check_int_option, check_number_option, task_indices
 from .moco import project_to_simplex
 
-__all__ = ["MoDo", "SDMGrad", "cross_product"]
+__all__ = ["MoDo", "SDMGrad", "cross_product", "row_dots"]
 
 Samples = Literal[2, 3]
 
@@ -57,6 +57,18 @@ def cross_product(left: Tensor, right: Tensor) -> Tensor:
         out.addmm_(
             left[:, start : start + width].double(), right[:, start : start + width].double().T
         )
+    return out
+
+
+def row_dots(left: Tensor, right: Tensor) -> Tensor:
+    """``(left * right).sum(1)``, row by row, accumulated in float64 by column blocks: the
+    diagonal of :func:`cross_product` at ``K N`` instead of ``K^2 N`` work."""
+    k, n = left.shape
+    out = torch.zeros(k, dtype=torch.float64, device=left.device)
+    width = min(max(n, 1), max(1024, _BLOCK_ELEMENTS // max(k, 1)))
+    for start in range(0, n, width):
+        block = left[:, start : start + width].double()
+        out += (block * right[:, start : start + width].double()).sum(dim=1)
     return out
 
 
@@ -228,10 +240,14 @@ class SDMGrad(DoubleSampling):
     .. math::
         d = J_3^\top \frac{w + \lambda \tilde w}{1 + \lambda}.
 
-    As in the authors' code (and TorchJD's ``SDMGradWeighting``, the oracle of the tests),
-    ``A`` is divided by ``s^2 + 1e-8`` with ``s`` the mean of ``sqrt(max(A_kk, 0))`` before the
-    inner steps (the paper's section 6.1: the inner step size then does not depend on the
-    gradients' scale), and ``w`` is kept from step to step (warm start). Defaults: ``lr = 10``,
+    As in TorchJD's ``SDMGradWeighting`` (the oracle of the tests), ``A`` is divided by
+    ``s^2 + 1e-8`` with ``s`` the mean of ``sqrt(max(A_kk, 0))`` before the inner steps (the
+    paper's section 6.1: the inner step size then does not depend on the gradients' scale);
+    the authors' multi-task code takes ``s`` as the mean of ``sqrt(A_kk + 1e-4)`` without the
+    ``1e-8``, which differs only for gradients of squared norm near ``1e-4`` or below. The
+    inner gradient is ``A (w + lambda w~)``, that of the authors' NYUv2 / CityScapes code
+    (``1/2 w^T A w + lambda w^T A w~``; their toy example drops the 1/2, which doubles the
+    step). ``w`` is kept from step to step (warm start). Defaults: ``lr = 10``,
     ``momentum = 0.5``, ``n_iter = 20``, ``lambda = 0.3`` (the authors' experiments),
     ``pref_vector`` uniform. The objective-sampling variant (SDMGrad-OS, a random subset of
     the tasks differentiated per step) is not implemented.

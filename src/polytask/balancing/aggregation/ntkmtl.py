@@ -13,7 +13,7 @@ from ...errors import ConfigError
 from ..base import BALANCERS, BackwardContext
 from ..gradient import GramianWeighting, Level, one_blas_thread
 from ._common import check_int_option, check_number_option
-from .double_sampling import cross_product
+from .double_sampling import row_dots
 
 __all__ = ["NTKMTL", "ntk_weights"]
 
@@ -162,13 +162,16 @@ class NTKMTL(GramianWeighting):
         rows, others, other_grads = self._part_rows(
             parts, names, ctx, [1.0 / len(parts)] * len(parts)
         )
-        mean = torch.stack(rows).mean(dim=0)
+        mean = rows[0].clone()  # the mean row, without a stacked copy of every part's
+        for r in rows[1:]:
+            mean += r
+        mean /= len(rows)
         if all(bool(torch.isfinite(r).all()) for r in rows):
             n = len(rows)
             kernels = torch.empty((len(names), n, n), dtype=torch.float64)
             for p in range(n):
                 for q in range(p, n):  # g_kp . g_kq in float64 column blocks, all k at once
-                    entries = cross_product(rows[p], rows[q]).diagonal().cpu()
+                    entries = row_dots(rows[p], rows[q]).cpu()
                     kernels[:, p, q] = kernels[:, q, p] = entries
             self._gramian = self._gramian_of = None
             with one_blas_thread():
