@@ -350,24 +350,32 @@ class TensorFactorised(MultiTaskModel):
     def _stacked(self, path: str) -> Tensor:
         return torch.stack([_weight(self._module(t, path)).detach() for t in self.task_names], -1)
 
-    def _set_weights(self, detach: bool, tasks: Sequence[str] | None = None) -> None:
-        """Set every column's factorised modules' ``weight`` from the factors."""
+    def _set_weights(self, detach: bool, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
+        """Set every column's factorised modules' ``weight`` from the factors; returns the
+        stacked weights per layer path (as set: with their graph unless ``detach``)."""
+        out: dict[str, Tensor] = {}
         for path in self.layer_paths:
             stacked = cast(FactorisedLayer, self.layers[_key(path)]).tensor()
             if detach:
                 stacked = stacked.detach()
-            for k, task in enumerate(self.task_names):
-                if tasks is None or task in tasks:
-                    # a plain attribute: the module's own parameter was removed
-                    self._module(task, path).weight = stacked[..., k]
+            out[path] = stacked
+            self._assign(path, stacked, tasks)
+        return out
+
+    def _assign(self, path: str, stacked: Tensor, tasks: Sequence[str] | None) -> None:
+        for k, task in enumerate(self.task_names):
+            if tasks is None or task in tasks:
+                # a plain attribute: the module's own parameter was removed
+                self._module(task, path).weight = stacked[..., k]
 
     def forward(self, x: Tensor, task: str | None = None) -> dict[str, Tensor]:
         names = self.task_names if task is None else (task,)
-        self._set_weights(detach=False, tasks=names)
+        built = self._set_weights(detach=False, tasks=names)
         try:
             return {name: self.columns[name](x) for name in names}
-        finally:
-            self._set_weights(detach=True, tasks=names)
+        finally:  # the same weights, detached (no second reconstruction from the factors)
+            for path, stacked in built.items():
+                self._assign(path, stacked.detach(), names)
 
     def weights(self) -> dict[str, dict[str, Tensor]]:
         """``{layer path: {task: weight}}``: every task's current dense weights (detached)."""
