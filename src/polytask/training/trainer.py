@@ -42,7 +42,6 @@ from ..tasks import auxiliary_names, main_names
 from .build import Components, check_selection, resolve_shared
 from .checkpoint import (
     FORMAT,
-    check_model_signature,
     load_checkpoint,
     load_model_state,
     model_signature,
@@ -225,12 +224,10 @@ class Trainer:
         """Restore everything from the run's ``last.pt``."""
         path = self.run.last_checkpoint
         data = load_checkpoint(path)
-        if data.get("structure") is not None:  # the model grew: rebuild it before loading
-            self.c.model.set_structure(data["structure"])
-            self._structure_changed()
-        check_model_signature(data["model_signature"], self.c.model, path)
         try:
-            self.c.model.load_state_dict(data["model"])
+            load_model_state(self.c.model, data, path)  # its structure first, if it grew
+            if data.get("structure") is not None:  # an optimizer over the grown model's
+                self._structure_changed()
             self.c.optimizer.load_state_dict(data["optimizer"])
             self.c.scheduler.load_state_dict(data["scheduler"])
             self.c.balancer.load_state_dict(data["balancer"])
