@@ -193,6 +193,34 @@ def test_excess_mtl_zero_first_gradient_defers_the_normaliser() -> None:
     torch.testing.assert_close(w.double(), expected, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_excess_mtl_risks_over_column_blocks_and_missing_tasks_against_the_formula(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
+    """r_k = sum_i g_ki^2 / sqrt(S_ki + eps), S_ki the running sum of g_ki^2, computed here
+    naively; the method works by column blocks (forced small: 5 blocks) and, with a task
+    missing, on the present tasks' rows only; its input rows are left untouched."""
+    from polytask.balancing.aggregation import excess_mtl
+
+    monkeypatch.setattr(excess_mtl, "_BLOCK_ELEMENTS", 3 * 1024)
+    g = torch.Generator().manual_seed(3)
+    steps = [torch.randn(3, 5000, generator=g, dtype=torch.float64) for _ in range(3)]
+    present = [[0, 1, 2], [0, 2], [1, 2]]
+    eps = 1e-3
+    method = ExcessMTL(NAMES, eps=eps)
+    sums = torch.zeros(3, 5000, dtype=torch.float64)
+    for rows, index in zip(steps, present, strict=True):
+        given = rows[index].to(dtype)
+        before = given.clone()
+        got = method.excess_risks(given, index)
+        sums[index] += given.double() ** 2
+        expected = (given.double() ** 2 / torch.sqrt(sums[index] + eps)).sum(dim=1)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+        assert torch.equal(given, before)
+    assert method.squares is not None
+    torch.testing.assert_close(method.squares, sums, rtol=1e-12, atol=0)
+
+
 # -- loss scaling by gradient magnitude --------------------------------------------------------
 
 

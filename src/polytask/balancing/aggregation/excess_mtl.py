@@ -13,6 +13,9 @@ from ..base import BALANCERS, BackwardContext
 from ..gradient import GradientBalancer, Level
 from ._common import check_number_option, task_indices
 
+# float64 column block of the per-coordinate work (4 MiB)
+_BLOCK_ELEMENTS = 1 << 19
+
 __all__ = ["ExcessMTL"]
 
 
@@ -129,7 +132,6 @@ class ExcessMTL(GradientBalancer):
     def excess_risks(self, rows: Tensor, index: Sequence[int]) -> Tensor:
         """Add the squares of ``rows`` (of the tasks at ``index``) into the sums and return
         their estimates ``r_k`` (float64)."""
-        rows = rows.double()
         k = len(self.task_names)
         squares = self.squares
         if squares is None:
@@ -142,13 +144,26 @@ class ExcessMTL(GradientBalancer):
             )
         else:
             squares = squares.to(rows.device)
-        position = torch.tensor(list(index), device=rows.device)
-        updated = squares[position] + rows * rows
-        squares[position] = updated
         self.squares = squares
-        root = torch.sqrt(updated + self.eps)
-        terms = torch.where(root > 0, rows * rows / torch.where(root > 0, root, 1.0), 0.0)
-        return terms.sum(dim=1)
+        whole = list(index) == list(range(k))  # every task, in order: update in place
+        position = torch.tensor(list(index), device=rows.device)
+        risks = torch.zeros(rows.shape[0], dtype=torch.float64, device=rows.device)
+        n = rows.shape[1]
+        # by column blocks, so that the float64 temporaries stay small beside the state
+        width = min(max(n, 1), max(1024, _BLOCK_ELEMENTS // max(k, 1)))
+        for start in range(0, n, width):
+            cols = slice(start, start + width)
+            sq = rows[:, cols].to(torch.float64, copy=True).square_()  # never rows itself
+            if whole:
+                updated = squares[:, cols]
+                updated += sq
+            else:
+                updated = squares[position, cols] + sq
+                squares[position, cols] = updated
+            root = (updated + self.eps).sqrt_()
+            # where the root is 0 so is the square (the sum holds it): 0 / tiny = 0
+            risks += sq.div_(root.clamp_min_(torch.finfo(torch.float64).tiny)).sum(dim=1)
+        return risks
 
     def aggregate(self, jacobian: Tensor, tasks: Sequence[str]) -> tuple[Tensor, Tensor]:
         index = task_indices(self.task_names, tasks)
