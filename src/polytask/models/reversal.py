@@ -104,7 +104,7 @@ class GradientReversal(nn.Module):
         # the factor of the present step, read from the buffer once per step (not once per
         # forward pass, which would wait on the device every time)
         self._factor: float | None = None
-        self.register_load_state_dict_post_hook(_forget_factor)
+        self.register_load_state_dict_post_hook(_forget_factor)  # type: ignore[no-untyped-call]
 
     def advance(self) -> None:
         """One training step done: ``p`` moves on by ``1 / total_steps``."""
