@@ -89,15 +89,19 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--gramian", choices=["float64", "float32"], default="float64")
+    parser.add_argument("--only", nargs="*", help="registered method names to run")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.setting == "mtan":
         args.tasks = 3
     rows = []
     for label, method, options in methods():
-        if "level" not in options:
+        if "level" not in options or (args.only and method not in args.only):
             continue
         r = measure(args, method, options)
+        if "backward" not in r:  # a method with its own step (modo, sdmgrad): no phases
+            print(f"{label:28s} skipped: it does not run the engine's backward", flush=True)
+            continue
         rows_ms = r.get("rows", 0.0) + r.get("feature_rows", 0.0)
         # the engine's own work: the balancer's backward minus its autograd passes
         # (rows: the K passes or the one pass through the heads, which include the

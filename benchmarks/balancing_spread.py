@@ -51,7 +51,7 @@ def spread(values: list[float]) -> str:
     return f"{min(values):.2f} / {statistics.median(values):.2f} / {max(values):.2f}"
 
 
-def render(paths: list[Path]) -> str:
+def render(paths: list[Path], min_runs: int = 1) -> str:
     runs = [json.loads(p.read_text()) for p in paths]
     per_run = [ratios(run) for run in runs]
     keys: list[tuple[str, int]] = []
@@ -70,6 +70,8 @@ def render(paths: list[Path]) -> str:
     ]
     for label, k in keys:
         cells = [r[(label, k)] for r in per_run if (label, k) in r]
+        if len(cells) < min_runs:
+            continue
         lines.append(
             f"| {label} | {k} | {len(cells)} | "
             + " | ".join(
@@ -85,9 +87,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("runs", type=Path, nargs="+", help="balancing.py --json files")
+    parser.add_argument(
+        "--min-runs", type=int, default=1, help="leave out methods measured in fewer runs"
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    table = render(args.runs)
+    table = render(args.runs, args.min_runs)
     print(table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
