@@ -496,9 +496,55 @@ def test_bad_options_are_config_errors(options: dict[str, Any], message: str) ->
 def test_needs_two_tasks_and_a_staged_backbone() -> None:
     with pytest.raises(ConfigError, match="several tasks"):
         tiny_model(tasks={"depth": TASKS["depth"]})
-    mlp = BACKBONES.get("mlp")
+    flat = BACKBONES.get("mpnn")
     with pytest.raises(ConfigError, match="needs a staged backbone"):
-        CrossStitch(tasks=TASKS, backbone=lambda: mlp(input_shape=(6,)), head=segnet_head)
+        CrossStitch(tasks=TASKS, backbone=lambda: flat(input_shape=(6,)), head=segnet_head)
+
+
+def _mlp_cross_stitch(init: tuple[float, float]) -> CrossStitch:
+    from polytask.losses import MSELoss
+    from polytask.metrics import RegressionMetric
+    from polytask.models import linear_head
+
+    mlp = BACKBONES.get("mlp")
+    tasks = {
+        t: Task(
+            name=t, loss=MSELoss(), metrics={"r": RegressionMetric}, output_dim=2, kind="regression"
+        )
+        for t in ("a", "b")
+    }
+    torch.manual_seed(0)
+    return CrossStitch(
+        tasks=tasks,
+        backbone=lambda: mlp(input_shape=(6,), hidden=(8, 5)),
+        head=linear_head,
+        init=init,
+    )
+
+
+def test_on_the_mlp_backbone_units_mix_after_each_linear_layer() -> None:
+    """The mlp backbone is staged by its linear layers: with identity units each column is
+    its own MLP and head (MLP.forward, to rounding); with init (a, b) each layer's ReLU
+    output is mixed as a h_t + b h_s before the next layer, computed here by hand."""
+    x = torch.rand(4, 6)
+    model = _mlp_cross_stitch((1.0, 0.0))
+    out = model(x)
+    for t in ("a", "b"):
+        column = model.columns[t]
+        # to rounding: the mixed activations may reach the next layer's matrix product in
+        # another memory layout, which changes the order of its sums
+        torch.testing.assert_close(out[t], column[1](column[0].mlp(x)), rtol=1e-6, atol=1e-7)
+    model = _mlp_cross_stitch((0.7, 0.3))
+    out = model(x)
+    linears = {
+        t: [m for m in model.columns[t][0].mlp.net if isinstance(m, nn.Linear)] for t in "ab"
+    }
+    h = {t: x for t in "ab"}
+    for layer in range(2):
+        z = {t: torch.relu(linears[t][layer](h[t])) for t in "ab"}
+        h = {"a": 0.7 * z["a"] + 0.3 * z["b"], "b": 0.7 * z["b"] + 0.3 * z["a"]}
+    for t in "ab":
+        torch.testing.assert_close(out[t], model.columns[t][1](h[t]), rtol=1e-6, atol=1e-7)
 
 
 # --- initialisation from single-task checkpoints and end-to-end runs ---------------------------

@@ -85,7 +85,7 @@ from torch import Tensor, nn
 from ...errors import CheckpointError, ConfigError, did_you_mean
 from ...options import Limit
 from ...tasks import Task
-from ..backbones.staged import StagedBackbone, as_staged
+from ..backbones.staged import StagedBackbone
 from ..base import ARCHITECTURES, BackboneFactory, HeadFactory, MultiTaskModel
 
 __all__ = [
@@ -478,12 +478,15 @@ class CrossStitch(MultiTaskModel):
 def staged_columns(
     tasks: Mapping[str, Task], backbone: BackboneFactory, head: HeadFactory, arch: str
 ) -> tuple[nn.ModuleDict, list[StagedBackbone]]:
-    """One column per task (a fresh staged backbone followed by the task's head), and the
-    backbones, checked to have the same stages (cross-stitch and sluice mix them)."""
+    """One column per task (a fresh staged backbone followed by the task's head; the ``mlp``
+    backbone staged by its linear layers), and the backbones, checked to have the same stages
+    (cross-stitch and sluice mix them)."""
+    from .depths import staged_or_mlp
+
     columns: dict[str, nn.Module] = {}
     nets: list[StagedBackbone] = []
     for name, task in tasks.items():
-        net = as_staged(backbone(), needed_by=f"architecture {arch}")
+        net = staged_or_mlp(backbone(), needed_by=f"architecture {arch}")
         nets.append(net)
         columns[name] = nn.Sequential(cast(nn.Module, net), head(task, net.out_features))
     _check_same_stages(nets, arch)
