@@ -244,6 +244,8 @@ class Trainer:
             )
             self._acc = {k: v.to(self.c.device) for k, v in data["accumulators"].items()}
             restore_rng_state(data["rng"])
+        except CheckpointError:  # already says what does not match (the model's signature)
+            raise
         except (KeyError, ValueError, RuntimeError) as exc:
             raise CheckpointError(
                 f"checkpoint {path} does not match this run ({type(exc).__name__}: "
