@@ -136,3 +136,38 @@ def snapshot(root: Path) -> dict[str, Any]:
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
             state[rel] = (digest, st.st_size, st.st_mtime_ns)
     return state
+
+
+def resumed_equals_uninterrupted(
+    tmp_path: Path, overrides: dict[str, Any], stop_after: int = 4
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train the tiny configuration with ``overrides`` once straight through and once stopped
+    by KeyboardInterrupt at global step ``stop_after`` and resumed; asserts that the test
+    results and every weight of the last checkpoints are equal, and returns both last
+    checkpoints (uninterrupted, resumed) for further checks."""
+    from polytask.api import resume, train
+    from polytask.training.checkpoint import load_checkpoint
+    from polytask.training.rundir import RunDirectory
+
+    first, whole = train(tiny_config_dict(tmp_path / "a", **overrides), console=False)
+
+    def interrupt(info: Any) -> None:
+        if info.global_step == stop_after:
+            raise KeyboardInterrupt
+
+    run_dir = tmp_path / "b" / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            tiny_config_dict(tmp_path / "b", **overrides),
+            run_dir=run_dir,
+            step_callbacks=[interrupt],
+            console=False,
+        )
+    resumed = resume(run_dir, console=False)
+    assert resumed["test"]
+    assert resumed["test"] == whole["test"]
+    a = load_checkpoint(first.last_checkpoint)
+    b = load_checkpoint(RunDirectory(run_dir).last_checkpoint)
+    for name, value in a["model"].items():
+        assert torch.equal(value, b["model"][name]), name
+    return a, b

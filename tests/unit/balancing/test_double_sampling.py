@@ -11,15 +11,12 @@ import torch
 from torch import Tensor, nn
 from torchjd.aggregation import MoDoWeighting, SDMGradWeighting
 
-from helpers import tiny_config_dict
-from polytask.api import resume, train
+from helpers import resumed_equals_uninterrupted, tiny_config_dict
+from polytask.api import train
 from polytask.balancing import BALANCERS
 from polytask.balancing.aggregation.double_sampling import MoDo, SDMGrad, cross_product
 from polytask.balancing.base import BackwardContext, LossWeighting
 from polytask.errors import ConfigError
-from polytask.training.checkpoint import load_checkpoint
-from polytask.training.rundir import RunDirectory
-from polytask.training.trainer import StepEnd
 
 TASKS = ["a", "b", "c"]
 
@@ -249,24 +246,4 @@ def test_an_interrupted_run_resumed_ends_like_an_uninterrupted_one(
     method: str, tmp_path: Path
 ) -> None:
     config = {"balancer.name": method, "data.options.n_train": 96}  # 3 steps per epoch
-    first, whole = train(tiny_config_dict(tmp_path / "a", **config), console=False)
-
-    def interrupt(info: StepEnd) -> None:
-        if info.global_step == 4:  # in epoch 2, after the checkpoint of epoch 1
-            raise KeyboardInterrupt
-
-    run_dir = tmp_path / "b" / "run"
-    with pytest.raises(KeyboardInterrupt):
-        train(
-            tiny_config_dict(tmp_path / "b", **config),
-            run_dir=run_dir,
-            step_callbacks=[interrupt],
-            console=False,
-        )
-    resumed = resume(run_dir, console=False)
-    assert resumed["test"]
-    assert resumed["test"] == whole["test"]
-    a = load_checkpoint(first.last_checkpoint)
-    b = load_checkpoint(RunDirectory(run_dir).last_checkpoint)
-    for name, value in a["model"].items():
-        assert torch.equal(value, b["model"][name]), name
+    resumed_equals_uninterrupted(tmp_path, config)

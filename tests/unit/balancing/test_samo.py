@@ -11,14 +11,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from helpers import tiny_config_dict
-from polytask.api import resume, train
+from helpers import resumed_equals_uninterrupted
 from polytask.balancing import BALANCERS
 from polytask.balancing.base import BackwardContext
 from polytask.errors import ConfigError
-from polytask.training.checkpoint import load_checkpoint
-from polytask.training.rundir import RunDirectory
-from polytask.training.trainer import StepEnd
 
 TASKS = ["a", "b", "c"]
 
@@ -162,25 +158,7 @@ def test_an_interrupted_run_resumed_ends_like_an_uninterrupted_one(tmp_path: Pat
         "balancer.options": {"method": "pcgrad", "rho": 0.05},
         "data.options.n_train": 96,
     }
-    first, whole = train(tiny_config_dict(tmp_path / "a", **config), console=False)
-
-    def interrupt(info: StepEnd) -> None:
-        if info.global_step == 4:
-            raise KeyboardInterrupt
-
-    run_dir = tmp_path / "b" / "run"
-    with pytest.raises(KeyboardInterrupt):
-        train(
-            tiny_config_dict(tmp_path / "b", **config),
-            run_dir=run_dir,
-            step_callbacks=[interrupt],
-            console=False,
-        )
-    assert resume(run_dir, console=False)["test"] == whole["test"]
-    a = load_checkpoint(first.last_checkpoint)
-    b = load_checkpoint(RunDirectory(run_dir).last_checkpoint)
-    for name, value in a["model"].items():
-        assert torch.equal(value, b["model"][name]), name
+    resumed_equals_uninterrupted(tmp_path, config)
 
 
 def test_the_wrapped_method_gets_the_trainers_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
